@@ -1,0 +1,455 @@
+"""Atomic file writes and resumable training state for MuScleLoRA runs (Wu et al., ACL 2024, arXiv 2402.12026).
+
+Atomicity: a file is written to a temporary name in its own directory, flushed and fsync'ed, then
+renamed over the target with ``os.replace`` (atomic on POSIX), and the directory is fsync'ed so the
+rename survives a crash. A reader sees the old file or the new one, never a torn one.
+
+A training checkpoint is a directory, built under ``<name>.tmp-<pid>`` and renamed into place:
+
+    <name>/trainable.safetensors   trainable parameters (safetensors, never pickle)
+    <name>/optimizer.pt            {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+    <name>/rng.pt                  capture_rng_state()
+    <name>/progress.json           epoch, step, best metrics ... (JSON)
+    <name>/COMPLETE                written last; a directory without it is refused
+
+``.pt`` files hold only tensors and plain Python values and are read with
+``torch.load(weights_only=True)``, which executes no pickled code. An older checkpoint of the same
+name is renamed to ``<name>.old-<pid>``, the new one renamed in, and the old one deleted; a crash
+between the two renames leaves the old checkpoint complete under ``<name>.old-<pid>``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+from torch import Tensor
+
+logger = logging.getLogger(__name__)
+
+TRAINABLE_FILE = "trainable.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+RNG_FILE = "rng.pt"
+PROGRESS_FILE = "progress.json"
+COMPLETE_MARKER = "COMPLETE"
+CHECKPOINT_FORMAT_VERSION = 1
+_CHECKPOINT_FILES = (TRAINABLE_FILE, OPTIMIZER_FILE, RNG_FILE, PROGRESS_FILE)
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Persist a directory entry (a rename or a new file) on POSIX; a no-op elsewhere."""
+    if os.name != "posix":
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) -> None:
+    """Run ``write(temp_path)``, fsync the result and rename it onto ``path``.
+
+    The temporary file lies in the target's directory (so the rename stays on one file system) and
+    is created with the default permissions (0o666 less the umask). It is removed if anything fails.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    os.close(os.open(temp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+    try:
+        write(temp)
+        fd = os.open(temp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    _fsync_directory(path.parent)
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (temp file, fsync, ``os.replace``, fsync directory).
+
+    Args:
+        path: Target file; missing parent directories are created.
+        data: The file's new content.
+    """
+    _atomic_write(path, lambda temp: temp.write_bytes(data))
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    """Write ``text`` as UTF-8 to ``path`` atomically.
+
+    Args:
+        path: Target file; missing parent directories are created.
+        text: The file's new content.
+    """
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
+    """Write ``obj`` as indented JSON (keys sorted, trailing newline) to ``path`` atomically.
+
+    Args:
+        path: Target file; missing parent directories are created.
+        obj: A JSON-serialisable value.
+
+    Raises:
+        TypeError: If ``obj`` is not JSON-serialisable (nothing is written).
+    """
+    try:
+        text = json.dumps(obj, indent=2, sort_keys=True)
+    except TypeError as error:
+        raise TypeError(f"cannot write {path} as JSON: {error}") from error
+    atomic_write_text(path, text + "\n")
+
+
+def save_tensors(
+    path: str | os.PathLike[str],
+    tensors: Mapping[str, Tensor],
+    metadata: Mapping[str, str] | None = None,
+) -> None:
+    """Save named tensors atomically as safetensors.
+
+    Args:
+        path: Target file; missing parent directories are created.
+        tensors: Tensors by name (any device; detached and made contiguous for saving). Tensors
+            sharing memory are refused by safetensors: clone them first.
+        metadata: Optional string-to-string header metadata.
+
+    Raises:
+        TypeError: If a name, value or metadata entry has the wrong type.
+    """
+    for name, tensor in tensors.items():
+        if not isinstance(name, str) or not isinstance(tensor, Tensor):
+            raise TypeError(
+                f"save_tensors({path}): entry {name!r} is a {type(tensor).__name__}; expected str "
+                "names and torch.Tensor values"
+            )
+    for key, value in (metadata or {}).items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise TypeError(
+                f"save_tensors({path}): metadata entry {key!r}: {value!r} is not str -> str; "
+                "convert values with str() or json.dumps()"
+            )
+    prepared = {name: tensor.detach().contiguous() for name, tensor in tensors.items()}
+    header = dict(metadata) if metadata is not None else None
+    _atomic_write(path, lambda temp: safetensors.torch.save_file(prepared, temp, metadata=header))
+
+
+def load_tensors(path: str | os.PathLike[str], *, device: str = "cpu") -> dict[str, Tensor]:
+    """Load a safetensors file written by :func:`save_tensors`.
+
+    Args:
+        path: The file.
+        device: Where to place the tensors.
+
+    Returns:
+        Tensors by name.
+
+    Raises:
+        FileNotFoundError: If ``path`` does not exist.
+    """
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"load_tensors: no safetensors file at {path}")
+    return safetensors.torch.load_file(path, device=device)
+
+
+def read_tensor_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
+    """Header metadata of a safetensors file ({} when it has none).
+
+    Args:
+        path: The file.
+
+    Returns:
+        The metadata saved by :func:`save_tensors`.
+    """
+    with safetensors.safe_open(path, framework="pt") as handle:
+        return dict(handle.metadata() or {})
+
+
+_SCALARS = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device, torch.Size)
+
+
+def _check_weights_only_safe(obj: Any, where: str) -> None:
+    """Raise if ``obj`` holds anything ``torch.load(weights_only=True)`` would refuse."""
+    if isinstance(obj, (Tensor, *_SCALARS)):
+        return
+    if type(obj) in (list, tuple):
+        for index, item in enumerate(obj):
+            _check_weights_only_safe(item, f"{where}[{index}]")
+        return
+    if type(obj) in (dict, OrderedDict):
+        for key, value in obj.items():
+            if not isinstance(key, (str, int)):
+                raise TypeError(
+                    f"{where} has a key {key!r} of type {type(key).__name__}; only str and int keys "
+                    "load with torch.load(weights_only=True)"
+                )
+            _check_weights_only_safe(value, f"{where}[{key!r}]")
+        return
+    raise TypeError(
+        f"{where} is a {type(obj).__name__}; a checkpoint stores only tensors, Python scalars, "
+        "strings, None and lists/tuples/dicts of them, so that it loads with "
+        "torch.load(weights_only=True). Convert it (for example with torch.as_tensor or .tolist())."
+    )
+
+
+def _atomic_torch_save(path: Path, obj: Any) -> None:
+    _atomic_write(path, lambda temp: torch.save(obj, temp))
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """Snapshot the random number generators in a ``weights_only``-loadable form.
+
+    Covers Python's ``random``, NumPy's legacy global generator (when NumPy is installed), torch's
+    CPU generator and, when CUDA is available, every CUDA device's generator.
+
+    Returns:
+        A dict of tensors, ints, floats and None, for :func:`restore_rng_state`.
+    """
+    version, internal, gauss_next = random.getstate()
+    state: dict[str, Any] = {
+        "python": {
+            "version": version,
+            "internal": torch.tensor(internal, dtype=torch.int64),
+            "gauss_next": gauss_next,
+        },
+        "torch_cpu": torch.get_rng_state(),
+    }
+    try:
+        import numpy as np
+    except ImportError:
+        np = None
+    if np is not None:
+        algorithm, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+        state["numpy"] = {
+            "algorithm": str(algorithm),
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "position": int(position),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        }
+    if torch.cuda.is_available():
+        state["torch_cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: Mapping[str, Any]) -> None:
+    """Restore generators captured by :func:`capture_rng_state`.
+
+    Parts that cannot be restored here (NumPy not installed, fewer CUDA devices than saved) are
+    skipped with a warning, so a run can resume on a different machine.
+
+    Args:
+        state: The captured state.
+
+    Raises:
+        ValueError: If ``state`` has unknown keys or lacks the Python/torch CPU parts.
+    """
+    known = {"python", "torch_cpu", "numpy", "torch_cuda"}
+    unknown = sorted(set(state) - known)
+    missing = sorted({"python", "torch_cpu"} - set(state))
+    if unknown or missing:
+        raise ValueError(
+            f"restore_rng_state: unknown keys {unknown}, missing keys {missing}; expected the dict "
+            f"returned by capture_rng_state() (keys {sorted(known)})"
+        )
+    python = state["python"]
+    internal = tuple(int(value) for value in python["internal"].tolist())
+    random.setstate((python["version"], internal, python["gauss_next"]))
+    torch.set_rng_state(state["torch_cpu"])
+    if "numpy" in state:
+        try:
+            import numpy as np
+        except ImportError:
+            logger.warning("restore_rng_state: NumPy is not installed; its saved state is skipped")
+        else:
+            saved = state["numpy"]
+            np.random.set_state(
+                (
+                    saved["algorithm"],
+                    saved["keys"].numpy().astype(np.uint32),
+                    saved["position"],
+                    saved["has_gauss"],
+                    saved["cached_gaussian"],
+                )
+            )
+    if "torch_cuda" in state:
+        saved_cuda = list(state["torch_cuda"])
+        available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if available < len(saved_cuda):
+            logger.warning(
+                "restore_rng_state: %d CUDA generator states saved, %d devices here; "
+                "restoring the first %d",
+                len(saved_cuda), available, available,
+            )
+        for index, device_state in enumerate(saved_cuda[:available]):
+            torch.cuda.set_rng_state(device_state, index)
+
+
+@dataclass(frozen=True)
+class TrainingState:
+    """A loaded training checkpoint.
+
+    Attributes:
+        trainable: Trainable parameters by name (CPU unless another map_location was given).
+        optimizer_state: ``optimizer.state_dict()`` as saved.
+        scheduler_state: ``scheduler.state_dict()`` as saved.
+        progress: The JSON progress record (epoch, step_in_epoch, global_step, best metrics, ...).
+        rng: Generator states for :func:`restore_rng_state`.
+    """
+
+    trainable: dict[str, Tensor]
+    optimizer_state: dict[str, Any]
+    scheduler_state: dict[str, Any]
+    progress: dict[str, Any]
+    rng: dict[str, Any]
+
+
+def _is_checkpoint_or_empty(directory: Path) -> bool:
+    return (directory / COMPLETE_MARKER).is_file() or not any(directory.iterdir())
+
+
+def _move_into_place(staging: Path, directory: Path) -> None:
+    """Rename ``staging`` to ``directory``, replacing (then deleting) an older checkpoint there."""
+    if not directory.exists():
+        os.rename(staging, directory)
+        _fsync_directory(directory.parent)
+        return
+    retired = directory.with_name(f"{directory.name}.old-{os.getpid()}")
+    if retired.exists():
+        shutil.rmtree(retired)
+    os.rename(directory, retired)
+    try:
+        os.rename(staging, directory)
+    except BaseException:
+        os.rename(retired, directory)
+        raise
+    _fsync_directory(directory.parent)
+    shutil.rmtree(retired)
+
+
+def save_training_state(
+    directory: str | os.PathLike[str],
+    *,
+    trainable: Mapping[str, Tensor],
+    optimizer_state: Mapping[str, Any],
+    scheduler_state: Mapping[str, Any],
+    progress: Mapping[str, Any],
+    rng: Mapping[str, Any],
+) -> None:
+    """Write a resumable checkpoint directory atomically (see the module docstring for the layout).
+
+    Args:
+        directory: The checkpoint directory. An existing checkpoint (or empty directory) there is
+            replaced; any other existing path is refused.
+        trainable: Trainable parameters by name.
+        optimizer_state: ``optimizer.state_dict()``.
+        scheduler_state: ``scheduler.state_dict()``.
+        progress: JSON-serialisable progress record.
+        rng: Output of :func:`capture_rng_state`.
+
+    Raises:
+        TypeError: If a state holds a value ``torch.load(weights_only=True)`` refuses, or
+            ``progress`` is not JSON-serialisable. Nothing is written then.
+        FileExistsError: If ``directory`` exists and is not a checkpoint.
+    """
+    directory = Path(directory)
+    if directory.exists() and not (directory.is_dir() and _is_checkpoint_or_empty(directory)):
+        raise FileExistsError(
+            f"save_training_state: {directory} exists and is not a checkpoint (no {COMPLETE_MARKER} "
+            "marker); refusing to replace it. Choose another directory or remove it."
+        )
+    optimizer_and_scheduler = {"optimizer": dict(optimizer_state), "scheduler": dict(scheduler_state)}
+    _check_weights_only_safe(optimizer_and_scheduler, "optimizer/scheduler state")
+    _check_weights_only_safe(dict(rng), "rng")
+    try:
+        progress_text = json.dumps(dict(progress), indent=2, sort_keys=True) + "\n"
+    except TypeError as error:
+        raise TypeError(f"save_training_state: progress is not JSON-serialisable: {error}") from error
+
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = directory.with_name(f"{directory.name}.tmp-{os.getpid()}")
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir()
+    try:
+        save_tensors(staging / TRAINABLE_FILE, trainable)
+        _atomic_torch_save(staging / OPTIMIZER_FILE, optimizer_and_scheduler)
+        _atomic_torch_save(staging / RNG_FILE, dict(rng))
+        atomic_write_text(staging / PROGRESS_FILE, progress_text)
+        atomic_write_json(
+            staging / COMPLETE_MARKER,
+            {"format_version": CHECKPOINT_FORMAT_VERSION, "files": list(_CHECKPOINT_FILES)},
+        )
+        _move_into_place(staging, directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    logger.info("saved training state to %s", directory)
+
+
+def load_training_state(
+    directory: str | os.PathLike[str], *, map_location: str = "cpu"
+) -> TrainingState:
+    """Load a checkpoint written by :func:`save_training_state`.
+
+    Only ``torch.load(weights_only=True)`` and safetensors are used: no pickled code runs.
+
+    Args:
+        directory: The checkpoint directory.
+        map_location: Device for the loaded tensors.
+
+    Returns:
+        The training state.
+
+    Raises:
+        FileNotFoundError: If the directory or one of its files is missing.
+        ValueError: If the directory has no COMPLETE marker (an unfinished save) or an unknown format.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        retired = sorted(str(p) for p in directory.parent.glob(f"{directory.name}.old-*"))
+        hint = f"; a previous checkpoint was left at {retired} by an interrupted save" if retired else ""
+        raise FileNotFoundError(f"load_training_state: no checkpoint directory at {directory}{hint}")
+    marker = directory / COMPLETE_MARKER
+    if not marker.is_file():
+        raise ValueError(
+            f"load_training_state: {directory} has no {COMPLETE_MARKER} marker, so its save did not "
+            "finish (interrupted run?); resume from an earlier checkpoint"
+        )
+    version = json.loads(marker.read_text(encoding="utf-8")).get("format_version")
+    if version != CHECKPOINT_FORMAT_VERSION:
+        raise ValueError(
+            f"load_training_state: {marker} has format_version {version!r}; this code reads "
+            f"version {CHECKPOINT_FORMAT_VERSION}"
+        )
+    missing = [name for name in _CHECKPOINT_FILES if not (directory / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"load_training_state: {directory} lacks {missing}")
+    optimizer_and_scheduler = torch.load(
+        directory / OPTIMIZER_FILE, map_location=map_location, weights_only=True
+    )
+    return TrainingState(
+        trainable=load_tensors(directory / TRAINABLE_FILE, device=map_location),
+        optimizer_state=optimizer_and_scheduler["optimizer"],
+        scheduler_state=optimizer_and_scheduler["scheduler"],
+        progress=json.loads((directory / PROGRESS_FILE).read_text(encoding="utf-8")),
+        rng=torch.load(directory / RNG_FILE, map_location="cpu", weights_only=True),
+    )

@@ -1,0 +1,622 @@
+"""Single-process training loop for MuScleLoRA and its ablations (arXiv 2402.12026).
+
+One optimiser step, read top to bottom in :func:`train_epoch`:
+
+1. ``g = grad mean CE(train batch)``, accumulated over ``grad_accum_steps`` micro-batches.
+2. For alignment methods, ``r = grad mean CE(reference batch)`` on one batch of the clean reference
+   set (model in train mode, same batch size), computed with ``torch.autograd.grad`` so ``.grad``
+   stays the task gradient.
+3. ``grad = align_gradients(g, r, gates...)``: per tensor ``|<g,r>| / ||r||^2 * r`` or the gated
+   raw-gradient mix (REFERENCE.md section 2.3).
+4. Non-finite check, global-norm clipping, AdamW step, linear schedule step.
+
+Each epoch ends with accuracy on the selection split (dev-clean minus the reference rows), which
+picks the best epoch; dev-poison ASR is logged for monitoring only and never used for selection.
+After training the best epoch's trainable weights are restored and CACC / ASR are measured on
+test-clean / test-poison.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import resource
+import shutil
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import get_linear_schedule_with_warmup
+
+from pipeline import checkpoint as ckpt
+from pipeline.adapters import inject
+from pipeline.adapters.state import load_adapter, save_adapter
+from pipeline.alignment import align_gradients
+from pipeline.config import (
+    ConfigError,
+    RunConfig,
+    config_to_dict,
+    resolve_defaults,
+    uses_alignment,
+    uses_lora,
+    uses_mslr,
+)
+from pipeline import data as data_lib
+from pipeline import evaluate as ev
+from pipeline import modeling
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_CHECKPOINT_DIR = "checkpoints"
+_LAST = "last"
+_BEST_FILE = "best.safetensors"
+_LOG_FILE = "log.jsonl"
+
+
+class NonFiniteError(RuntimeError):
+    """A loss or gradient became NaN/inf; the run stops and keeps its last good checkpoint."""
+
+
+class OutputDirError(RuntimeError):
+    """The output directory exists and neither ``resume`` nor ``overwrite`` was requested."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Loaders:
+    """Everything the loop reads. Poison splits only feed monitoring and the final evaluation."""
+
+    train: Any
+    reference: Any
+    selection: DataLoader
+    dev_poison: DataLoader
+    test_clean: DataLoader
+    test_poison: DataLoader
+    collate: Any
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def select_device(choice: str) -> torch.device:
+    """Map ``train.device`` to a torch device; ``cuda`` without a GPU is an error, not a fallback."""
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(["train.device: 'cuda' requested but no CUDA device is visible; set train.device=cpu or auto"])
+    if choice == "cpu" or (choice == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    return torch.device("cuda")
+
+
+def prepare_output_dir(output_dir: Path, *, resume: bool, overwrite: bool) -> bool:
+    """Decide what to do with ``output_dir`` before anything is written.
+
+    Returns:
+        True when the run resumes from ``output_dir/checkpoints/last``.
+
+    Raises:
+        OutputDirError: the directory holds files and neither flag allows touching them, or resume
+            was asked but no complete checkpoint exists.
+    """
+    exists = output_dir.exists() and any(output_dir.iterdir())
+    last = output_dir / _CHECKPOINT_DIR / _LAST
+    if resume:
+        if (last / "COMPLETE").exists():
+            return True
+        if exists:
+            raise OutputDirError(
+                f"output_dir={output_dir}: resume=true but no complete checkpoint at {last}; "
+                "set overwrite=true to start again or choose another output_dir"
+            )
+        return False
+    if exists and not overwrite:
+        raise OutputDirError(
+            f"output_dir={output_dir} already exists and is not empty; pass resume=true to continue "
+            "that run, overwrite=true to replace it, or choose another output_dir"
+        )
+    return False
+
+
+def _setup_file_logging(output_dir: Path) -> logging.Handler:
+    handler = logging.FileHandler(output_dir / "train.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(handler)
+    return handler
+
+
+def build_model(cfg: RunConfig, info: modeling.ModelInfo, model_path: Path) -> tuple[Any, nn.Module, list[str]]:
+    """Load tokenizer and classifier and apply the method's adapters and trainability.
+
+    Returns:
+        (tokenizer, model, trainable parameter names).
+    """
+    tokenizer = modeling.load_tokenizer(
+        model_path, is_decoder=info.is_decoder, trust_remote_code=cfg.model.trust_remote_code
+    )
+    model = modeling.load_classifier(
+        model_path,
+        num_labels=cfg.model.num_labels,
+        dtype=_DTYPES[cfg.model.dtype],
+        is_decoder=info.is_decoder,
+        trust_remote_code=cfg.model.trust_remote_code,
+        llm_head_dim=cfg.model.llm_head_dim,
+        llm_head_dropout=cfg.model.llm_head_dropout,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    if uses_lora(cfg.method):
+        model = inject.apply_lora(
+            model,
+            target_modules=list(cfg.lora.target_modules),
+            r=cfg.lora.r,
+            alpha=cfg.lora.alpha,
+            dropout=cfg.lora.dropout,
+        )
+    if uses_mslr(cfg.method):
+        wrapped = inject.inject_mslr(
+            model,
+            targets=list(cfg.mslr.targets),
+            rank=cfg.mslr.rank,
+            scales=list(cfg.mslr.scales),
+            alpha=cfg.mslr.alpha,
+            dropout=cfg.mslr.dropout,
+            init=cfg.mslr.init,
+            keep_base=cfg.mslr.keep_base,
+        )
+        logger.info("MSLR wraps %s (scales %s, alpha %s, rank %d)", wrapped, cfg.mslr.scales, cfg.mslr.alpha, cfg.mslr.rank)
+    full = not uses_lora(cfg.method)
+    trainable = inject.set_trainable(
+        model,
+        full=full,
+        train_head=full or not cfg.train.freeze_head,
+        head_names=modeling.head_module_names(info.model_type, info.is_decoder),
+    )
+    return tokenizer, model, trainable
+
+
+def build_loaders(cfg: RunConfig, tokenizer: Any, training: data_lib.TrainingData, evaluation: data_lib.EvaluationData) -> Loaders:
+    """Tokenise every split and wrap the evaluation splits in loaders (training batches are indexed)."""
+    max_length = cfg.data.max_length
+    collate = data_lib.make_collator(tokenizer)
+
+    def encoded(ds: Any) -> Any:
+        return data_lib.encode(ds, tokenizer, max_length=max_length)
+
+    def eval_loader(ds: Any) -> DataLoader:
+        return DataLoader(encoded(ds), batch_size=cfg.train.eval_batch_size, shuffle=False, collate_fn=collate)
+
+    return Loaders(
+        train=encoded(training.train),
+        reference=encoded(training.reference),
+        selection=eval_loader(training.selection),
+        dev_poison=eval_loader(evaluation.dev_poison),
+        test_clean=eval_loader(evaluation.test_clean),
+        test_poison=eval_loader(evaluation.test_poison),
+        collate=collate,
+    )
+
+
+# ----------------------------------------------------------------------------- batching
+
+
+def epoch_batches(num_rows: int, batch_size: int, *, seed: int, epoch: int) -> list[list[int]]:
+    """Row indices of every batch of one epoch: a seeded permutation, so a resumed run replays it."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(num_rows, generator=generator).tolist()
+    return [order[i : i + batch_size] for i in range(0, num_rows, batch_size)]
+
+
+def reference_batch(dataset: Any, collate: Any, batch_size: int, *, seed: int, draw: int) -> dict[str, torch.Tensor]:
+    """The ``draw``-th batch of an endlessly reshuffled reference loader (a pure function of draw)."""
+    n = len(dataset)
+    per_pass = math.ceil(n / batch_size)
+    ref_pass, position = divmod(draw, per_pass)
+    batches = epoch_batches(n, batch_size, seed=seed + 7919, epoch=ref_pass)
+    return collate([dataset[i] for i in batches[position]])
+
+
+def _to_device(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def batch_loss(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Mean cross-entropy of one batch (computed here, not by the model, so every family agrees)."""
+    labels = batch["labels"]
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs).logits
+    return nn.functional.cross_entropy(logits.float(), labels)
+
+
+# ----------------------------------------------------------------------------- state
+
+
+def trainable_state(params: Mapping[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+    """Detached CPU copies of the trainable parameters (for best-epoch restore and checkpoints)."""
+    return {name: p.detach().to("cpu", copy=True).contiguous() for name, p in params.items()}
+
+
+def load_trainable_state(params: Mapping[str, nn.Parameter], state: Mapping[str, torch.Tensor]) -> None:
+    """Copy ``state`` into ``params``; key sets must match exactly."""
+    missing = sorted(set(params) - set(state))
+    unexpected = sorted(set(state) - set(params))
+    if missing or unexpected:
+        raise KeyError(f"trainable state mismatch: missing {missing[:5]} unexpected {unexpected[:5]}")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(state[name].to(p.device, p.dtype))
+
+
+def _append_log(path: Path, record: Mapping[str, Any]) -> None:
+    with path.open("a") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+def _truncate_log(path: Path, global_step: int) -> None:
+    """On resume, drop log records written after the checkpoint being resumed."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        record = json.loads(line)
+        if record.get("global_step", 0) <= global_step:
+            kept.append(line)
+    ckpt.atomic_write_text(path, "".join(k + "\n" for k in kept))
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this process: CUDA allocator peak on GPU, peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb / 1024 if sys.platform != "darwin" else kb / 2**20
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def optimiser_step(
+    *,
+    model: nn.Module,
+    params: Mapping[str, nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    cfg: RunConfig,
+    reference: Any,
+    collate: Any,
+    device: torch.device,
+    ref_draw: int,
+    epoch: int,
+    global_step: int,
+) -> dict[str, Any]:
+    """Alignment hook, checks, clipping and the update, after the task gradients are accumulated."""
+    record: dict[str, Any] = {}
+    if uses_alignment(cfg.method):
+        task = {name: p.grad for name, p in params.items()}
+        ref_batch = _to_device(
+            reference_batch(reference, collate, cfg.train.batch_size, seed=cfg.seed, draw=ref_draw), device
+        )
+        ref_loss = batch_loss(model, ref_batch)
+        if not torch.isfinite(ref_loss):
+            raise NonFiniteError(f"step {global_step}: reference loss is {ref_loss.item()}")
+        ref_grads = torch.autograd.grad(ref_loss, list(params.values()), allow_unused=True)
+        reference_grads = dict(zip(params.keys(), ref_grads))
+        result = align_gradients(
+            task,
+            reference_grads,
+            ref_loss=ref_loss.item(),
+            min_ref_loss=cfg.align.min_ref_loss,
+            min_ref_grad_norm=cfg.align.min_ref_grad_norm,
+            max_raw_ratio=cfg.align.max_raw_ratio,
+            epoch=epoch,
+            start_epoch=cfg.align.start_epoch,
+            epochs=cfg.train.epochs,
+        )
+        for name, p in params.items():
+            p.grad = result.grads[name]
+        record.update(
+            ref_loss=ref_loss.item(),
+            gate=result.gate,
+            raw_weight=result.raw_weight,
+            mean_cosine=result.mean_cosine,
+            ref_grad_norm=result.mean_ref_norm,
+        )
+    grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.train.max_grad_norm)
+    if not torch.isfinite(grad_norm):
+        bad = [n for n, p in params.items() if p.grad is not None and not torch.isfinite(p.grad).all()]
+        raise NonFiniteError(f"step {global_step}: gradient norm is {grad_norm.item()} (non-finite in {bad[:5]})")
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    record.update(grad_norm=grad_norm.item(), lr=scheduler.get_last_lr()[0])
+    return record
+
+
+def evaluate_split(model: nn.Module, loader: DataLoader, device: torch.device, desc: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Predictions and labels on one split (progress bar only on a terminal)."""
+    return ev.predict(model, loader, device=device, desc=desc, progress=sys.stderr.isatty())
+
+
+def run_training(cfg: RunConfig) -> dict[str, Any]:
+    """Train ``cfg.method`` on the poisoned training set and evaluate CACC / ASR.
+
+    Everything that can be validated (config, data files, model directory) is validated before
+    ``output_dir`` is created, so bad input leaves nothing behind.
+
+    Returns:
+        The metrics also written to ``output_dir/metrics.json``.
+    """
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    device = select_device(cfg.train.device)
+    output_dir = Path(cfg.output_dir)
+
+    model_path = modeling.resolve_model_path(cfg.model.name_or_path)
+    info = modeling.read_model_info(model_path, trust_remote_code=cfg.model.trust_remote_code)
+    cfg = resolve_defaults(cfg, model_type=info.model_type, hidden_size=info.hidden_size, is_decoder=info.is_decoder)
+    resuming = prepare_output_dir(output_dir, resume=cfg.resume, overwrite=cfg.overwrite)
+
+    paths = data_lib.split_paths(
+        cfg.data.root, cfg.data.dataset, cfg.data.attack,
+        setting=cfg.data.setting, poison_rate=cfg.data.poison_rate, target_label=cfg.data.target_label,
+    )
+    training = data_lib.load_training_data(
+        paths, ref_size=cfg.data.ref_size, seed=cfg.seed, num_labels=cfg.model.num_labels,
+        max_train_samples=cfg.data.max_train_samples, max_eval_samples=cfg.data.max_eval_samples,
+    )
+    evaluation = data_lib.load_evaluation_data(
+        paths, num_labels=cfg.model.num_labels, max_eval_samples=cfg.data.max_eval_samples, seed=cfg.seed
+    )
+    overlap = data_lib.find_overlap(
+        {"reference": training.reference, "selection": training.selection},
+        {"test_clean": evaluation.test_clean, "test_poison": evaluation.test_poison},
+    )
+    torch.manual_seed(cfg.seed)
+    tokenizer, model, trainable_names = build_model(cfg, info, model_path)
+    model.to(device)
+    loaders = build_loaders(cfg, tokenizer, training, evaluation)
+
+    # Everything validated: from here on files are written.
+    if cfg.overwrite and not resuming and output_dir.exists():
+        logger.warning("overwrite=true: removing the existing %s", output_dir)
+        shutil.rmtree(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    handler = _setup_file_logging(output_dir)
+    try:
+        return _train_and_evaluate(cfg, info, model, tokenizer, trainable_names, loaders, output_dir, device, resuming, overlap, paths)
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+
+
+def _check_resumable_config(output_dir: Path, resolved: dict[str, Any]) -> None:
+    saved_path = output_dir / "config.yaml"
+    if not saved_path.exists():
+        return
+    saved = yaml.safe_load(saved_path.read_text())
+    ignore = {"resume", "overwrite"}
+    diffs = []
+
+    def walk(a: Any, b: Any, prefix: str) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for key in sorted(set(a) | set(b)):
+                if prefix == "" and key in ignore:
+                    continue
+                walk(a.get(key), b.get(key), f"{prefix}{key}." if isinstance(a.get(key), dict) else f"{prefix}{key}")
+        elif a != b:
+            diffs.append(f"{prefix.rstrip('.')}: saved {a!r}, now {b!r}")
+
+    walk(saved, resolved, "")
+    if diffs:
+        raise ConfigError([f"resume=true but the config differs from {saved_path}: {d}" for d in diffs])
+
+
+def _train_and_evaluate(
+    cfg: RunConfig,
+    info: modeling.ModelInfo,
+    model: nn.Module,
+    tokenizer: Any,
+    trainable_names: Sequence[str],
+    loaders: Loaders,
+    output_dir: Path,
+    device: torch.device,
+    resuming: bool,
+    overlap: Any,
+    paths: data_lib.SplitPaths,
+) -> dict[str, Any]:
+    resolved = config_to_dict(cfg)
+    if resuming:
+        _check_resumable_config(output_dir, resolved)
+    ckpt.atomic_write_text(output_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
+
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    if sorted(params) != sorted(trainable_names):
+        raise AssertionError("set_trainable and requires_grad disagree")
+    n_trainable = sum(p.numel() for p in params.values())
+    n_total = sum(p.numel() for p in model.parameters())
+    logger.info(
+        "method=%s model=%s (%s) trainable %d / %d parameters (%.3f%%)",
+        cfg.method, cfg.model.name_or_path, info.model_type, n_trainable, n_total, 100 * n_trainable / n_total,
+    )
+    if overlap:
+        logger.warning("trusted/test overlap detected: %s", overlap)
+
+    optimizer = torch.optim.AdamW(params.values(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    steps_per_epoch = math.ceil(math.ceil(len(loaders.train) / cfg.train.batch_size) / cfg.train.grad_accum_steps)
+    total_steps = steps_per_epoch * cfg.train.epochs
+    if cfg.train.max_steps > 0:
+        total_steps = min(total_steps, cfg.train.max_steps)
+    scheduler = get_linear_schedule_with_warmup(
+        optimizer, num_warmup_steps=int(cfg.train.warmup_ratio * total_steps), num_training_steps=total_steps
+    )
+
+    log_path = output_dir / _LOG_FILE
+    checkpoint_dir = output_dir / _CHECKPOINT_DIR
+    progress: dict[str, Any] = {
+        "epoch": 0, "step_in_epoch": 0, "global_step": 0, "ref_draws": 0,
+        "best_epoch": -1, "best_dev_clean_acc": -1.0, "history": [], "train_seconds": 0.0, "samples_seen": 0,
+    }
+    if resuming:
+        state = ckpt.load_training_state(checkpoint_dir / _LAST)
+        load_trainable_state(params, state.trainable)
+        optimizer.load_state_dict(state.optimizer_state)
+        scheduler.load_state_dict(state.scheduler_state)
+        ckpt.restore_rng_state(state.rng)
+        progress.update(state.progress)
+        _truncate_log(log_path, progress["global_step"])
+        logger.info("resumed from %s at epoch %d step %d", checkpoint_dir / _LAST, progress["epoch"], progress["global_step"])
+
+    def save_checkpoint() -> None:
+        ckpt.save_training_state(
+            checkpoint_dir / _LAST,
+            trainable=trainable_state(params),
+            optimizer_state=optimizer.state_dict(),
+            scheduler_state=scheduler.state_dict(),
+            progress=progress,
+            rng=ckpt.capture_rng_state(),
+        )
+
+    started = time.perf_counter() - progress["train_seconds"]
+    done = progress["global_step"] >= total_steps
+    while progress["epoch"] < cfg.train.epochs and not done:
+        epoch = progress["epoch"]
+        gates: Counter[str] = Counter()
+        batches = epoch_batches(len(loaders.train), cfg.train.batch_size, seed=cfg.seed, epoch=epoch)
+        micro = progress["step_in_epoch"] * cfg.train.grad_accum_steps
+        bar = tqdm(total=steps_per_epoch, initial=progress["step_in_epoch"], desc=f"epoch {epoch}", disable=None, dynamic_ncols=True)
+        model.train()
+        losses: list[float] = []
+        while micro < len(batches):
+            group = batches[micro : micro + cfg.train.grad_accum_steps]
+            micro += len(group)
+            rows = sum(len(b) for b in group)
+            loss_sum = 0.0
+            for indices in group:
+                batch = _to_device(loaders.collate([loaders.train[i] for i in indices]), device)
+                loss = batch_loss(model, batch)
+                if not torch.isfinite(loss):
+                    raise NonFiniteError(
+                        f"step {progress['global_step']} (epoch {epoch}): training loss is {loss.item()}; "
+                        f"the last good checkpoint is {checkpoint_dir / _LAST}"
+                    )
+                (loss * (len(indices) / rows)).backward()
+                loss_sum += loss.item() * len(indices)
+            record = optimiser_step(
+                model=model, params=params, optimizer=optimizer, scheduler=scheduler, cfg=cfg,
+                reference=loaders.reference, collate=loaders.collate, device=device,
+                ref_draw=progress["ref_draws"], epoch=epoch, global_step=progress["global_step"],
+            )
+            progress["ref_draws"] += 1 if uses_alignment(cfg.method) else 0
+            progress["global_step"] += 1
+            progress["step_in_epoch"] += 1
+            progress["samples_seen"] += rows
+            train_loss = loss_sum / rows
+            losses.append(train_loss)
+            if "gate" in record:
+                gates[record["gate"]] += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{train_loss:.4f}", **({"ref": f"{record['ref_loss']:.3f}", "gate": record["gate"]} if "gate" in record else {}))
+            _append_log(log_path, {"type": "step", "epoch": epoch, "global_step": progress["global_step"], "loss": train_loss, **record})
+            if progress["global_step"] % cfg.train.log_every_steps == 0:
+                logger.info("epoch %d step %d loss %.4f %s", epoch, progress["global_step"], train_loss,
+                            " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+            if progress["global_step"] >= total_steps:
+                done = True
+                break
+            every = cfg.train.checkpoint_every_steps
+            if every > 0 and progress["global_step"] % every == 0:
+                progress["train_seconds"] = time.perf_counter() - started
+                save_checkpoint()
+        bar.close()
+
+        dev_preds, dev_labels = evaluate_split(model, loaders.selection, device, "dev-clean")
+        poison_preds, _ = evaluate_split(model, loaders.dev_poison, device, "dev-poison")
+        dev_acc = ev.accuracy(dev_preds, dev_labels)
+        dev_asr = ev.attack_success_rate(poison_preds, cfg.data.target_label)
+        epoch_record = {
+            "type": "epoch", "epoch": epoch, "global_step": progress["global_step"],
+            "train_loss": sum(losses) / max(len(losses), 1), "dev_clean_acc": dev_acc,
+            "dev_poison_asr_monitor_only": dev_asr, "gates": dict(gates),
+        }
+        _append_log(log_path, epoch_record)
+        progress["history"].append(epoch_record)
+        logger.info("epoch %d: dev-clean acc %.2f%%, dev-poison ASR %.2f%% (monitoring only), gates %s",
+                    epoch, 100 * dev_acc, 100 * dev_asr, dict(gates))
+        if dev_acc > progress["best_dev_clean_acc"]:
+            progress["best_dev_clean_acc"] = dev_acc
+            progress["best_epoch"] = epoch
+            checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            ckpt.save_tensors(checkpoint_dir / _BEST_FILE, trainable_state(params))
+        progress["epoch"] = epoch + 1
+        progress["step_in_epoch"] = 0
+        progress["train_seconds"] = time.perf_counter() - started
+        save_checkpoint()
+
+    train_seconds = time.perf_counter() - started
+    load_trainable_state(params, ckpt.load_tensors(checkpoint_dir / _BEST_FILE))
+    return _final_evaluation(cfg, info, model, loaders, output_dir, device, progress, train_seconds, n_trainable, overlap, paths)
+
+
+def _final_evaluation(
+    cfg: RunConfig,
+    info: modeling.ModelInfo,
+    model: nn.Module,
+    loaders: Loaders,
+    output_dir: Path,
+    device: torch.device,
+    progress: Mapping[str, Any],
+    train_seconds: float,
+    n_trainable: int,
+    overlap: Any,
+    paths: data_lib.SplitPaths,
+) -> dict[str, Any]:
+    target = cfg.data.target_label
+    clean_preds, clean_labels = evaluate_split(model, loaders.test_clean, device, "test-clean")
+    poison_preds, _ = evaluate_split(model, loaders.test_poison, device, "test-poison")
+    cacc = ev.accuracy(clean_preds, clean_labels)
+    asr = ev.attack_success_rate(poison_preds, target)
+    fpr = ev.clean_false_positive_rate(clean_preds, clean_labels, target)
+    metrics = {
+        "method": cfg.method,
+        "dataset": cfg.data.dataset,
+        "attack": cfg.data.attack,
+        "model": cfg.model.name_or_path,
+        "model_type": info.model_type,
+        "seed": cfg.seed,
+        "cacc": 100 * cacc,
+        "asr": 100 * asr,
+        "clean_fpr": 100 * fpr,
+        "asr_minus_clean_fpr": 100 * (asr - fpr),
+        "best_epoch": progress["best_epoch"],
+        "dev_clean_acc": 100 * progress["best_dev_clean_acc"],
+        "per_class_accuracy": [100 * a for a in ev.per_class_accuracy(clean_preds, clean_labels, cfg.model.num_labels)],
+        "confusion_matrix": ev.confusion_matrix(clean_preds, clean_labels, cfg.model.num_labels),
+        "history": progress["history"],
+        "global_steps": progress["global_step"],
+        "train_seconds": train_seconds,
+        "samples_per_second": progress["samples_seen"] / max(train_seconds, 1e-9),
+        "peak_memory_mb": peak_memory_mb(device),
+        "peak_memory_kind": "cuda_max_allocated" if device.type == "cuda" else "process_max_rss",
+        "trainable_parameters": n_trainable,
+        "num_test_clean": len(clean_labels),
+        "num_test_poison": len(poison_preds),
+        "data_files": {k: str(v) for k, v in dataclasses.asdict(paths).items()},
+        "trusted_test_overlap": [dataclasses.asdict(o) if dataclasses.is_dataclass(o) else o for o in (overlap or [])],
+        "config": config_to_dict(cfg),
+    }
+    save_adapter(model, output_dir / "adapter", meta={"method": cfg.method, "config": config_to_dict(cfg)})
+    ckpt.atomic_write_json(output_dir / "metrics.json", metrics)
+    logger.info(
+        "CACC %.2f%%  ASR %.2f%%  (clean FPR %.2f%%, trigger adds %.2f points)  best epoch %d  -> %s",
+        metrics["cacc"], metrics["asr"], metrics["clean_fpr"], metrics["asr_minus_clean_fpr"],
+        metrics["best_epoch"], output_dir,
+    )
+    return metrics
