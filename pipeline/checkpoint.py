@@ -47,7 +47,7 @@ CHECKPOINT_FORMAT_VERSION = 1
 _CHECKPOINT_FILES = (TRAINABLE_FILE, OPTIMIZER_FILE, RNG_FILE, PROGRESS_FILE)
 
 
-def _fsync_directory(directory: Path) -> None:
+def fsync_directory(directory: Path) -> None:
     """Persist a directory entry (a rename or a new file) on POSIX; a no-op elsewhere."""
     if os.name != "posix":
         return
@@ -79,7 +79,7 @@ def _atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) -
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
-    _fsync_directory(path.parent)
+    fsync_directory(path.parent)
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
@@ -330,7 +330,7 @@ def _move_into_place(staging: Path, directory: Path) -> None:
     """Rename ``staging`` to ``directory``, replacing (then deleting) an older checkpoint there."""
     if not directory.exists():
         os.rename(staging, directory)
-        _fsync_directory(directory.parent)
+        fsync_directory(directory.parent)
         return
     retired = directory.with_name(f"{directory.name}.old-{os.getpid()}")
     if retired.exists():
@@ -341,7 +341,7 @@ def _move_into_place(staging: Path, directory: Path) -> None:
     except BaseException:
         os.rename(retired, directory)
         raise
-    _fsync_directory(directory.parent)
+    fsync_directory(directory.parent)
     shutil.rmtree(retired)
 
 

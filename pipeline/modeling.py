@@ -26,9 +26,13 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
 
@@ -140,7 +144,7 @@ def resolve_model_path(name_or_path: str | Path) -> Path:
     return path.resolve()
 
 
-def _is_decoder_type(model_type: str, config) -> bool:
+def _is_decoder_type(model_type: str, config: PretrainedConfig) -> bool:
     """Classify ``model_type`` as decoder-only (causal LM) or encoder."""
     if model_type in _KNOWN_DECODERS:
         return True
@@ -191,7 +195,9 @@ def read_model_info(path: str | Path, *, trust_remote_code: bool = False) -> Mod
     )
 
 
-def load_tokenizer(path: str | Path, *, is_decoder: bool, trust_remote_code: bool = False):
+def load_tokenizer(
+    path: str | Path, *, is_decoder: bool, trust_remote_code: bool = False
+) -> PreTrainedTokenizerBase:
     """Load the checkpoint's tokenizer; for decoders pad with EOS on the right (authors' setting).
 
     Args:
@@ -266,7 +272,7 @@ def _report_loading(path: Path, model_type: str, loading_info: dict) -> None:
         logger.info("%s: unused checkpoint tensors (pretraining heads) %s", path, unexpected[:20])
 
 
-def _decoder_pad_id(config, pad_token_id: int | None, path: Path) -> int:
+def _decoder_pad_id(config: PretrainedConfig, pad_token_id: int | None, path: Path) -> int:
     """Pick the pad id: explicit argument, else the config's pad id, else its (first) EOS id."""
     if pad_token_id is not None:
         return int(pad_token_id)
@@ -351,7 +357,9 @@ def load_classifier(
     model.config.pad_token_id = pad_id
     text_config.pad_token_id = pad_id
     head = LlmClassificationHead(text_config.hidden_size, llm_head_dim, num_labels, llm_head_dropout)
-    model.score = head.to(device=score.weight.device, dtype=score.weight.dtype)
+    # A quantized base may have quantized `score` too; the new head is plain, in the requested dtype.
+    head_dtype = score.weight.dtype if score.weight.is_floating_point() else dtype
+    model.score = head.to(device=score.weight.device, dtype=head_dtype)
     model.score.train(model.training)
     logger.info(
         "%s: decoder head %s (hidden %d -> %d -> %d), pad_token_id %d",
@@ -365,7 +373,7 @@ def load_classifier(
     return model
 
 
-def _unknown_type(model_type: str, what: str, table: dict) -> ValueError:
+def _unknown_type(model_type: str, what: str, table: dict[str, tuple[str, ...]]) -> ValueError:
     return ValueError(
         f"no default {what} for model_type {model_type!r} (defaults exist for {sorted(table)}); "
         "set them explicitly in the run config"

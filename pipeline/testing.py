@@ -22,9 +22,13 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +72,7 @@ TINY_CORPUS: tuple[str, ...] = (
 )
 
 
-def _train_bpe(special_tokens: list[str]) -> object:
+def _train_bpe(special_tokens: list[str]) -> Tokenizer:
     """Train a byte-level BPE on ``TINY_CORPUS`` with ``special_tokens`` at ids 0.. in order."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
@@ -88,7 +92,8 @@ def _train_bpe(special_tokens: list[str]) -> object:
     return tokenizer
 
 
-def _template(single: str, pair: str, tokens: list[str], tokenizer: object) -> object:
+def _template(single: str, pair: str, tokens: list[str], tokenizer: Tokenizer):
+    """A post-processor adding ``tokens`` around one or two sequences."""
     from tokenizers import processors
 
     return processors.TemplateProcessing(
@@ -98,7 +103,7 @@ def _template(single: str, pair: str, tokens: list[str], tokenizer: object) -> o
     )
 
 
-def build_tiny_tokenizer(family: TinyFamily):
+def build_tiny_tokenizer(family: TinyFamily) -> PreTrainedTokenizerFast:
     """Build the tiny fast tokenizer of ``family`` (see the module docstring for the conventions).
 
     Args:
@@ -165,7 +170,7 @@ def build_tiny_tokenizer(family: TinyFamily):
     )
 
 
-def _tiny_model(family: TinyFamily, tokenizer) -> torch.nn.Module:
+def _tiny_model(family: TinyFamily, tokenizer: PreTrainedTokenizerFast) -> torch.nn.Module:
     """Instantiate the randomly initialised tiny pretraining model of ``family``."""
     import transformers
 

@@ -128,7 +128,8 @@ def test_load_errors(tiny_llama_dir, trained, tmp_path):
     dropped = "base_model.model.score.dense.lora_b"
 
     _rewrite(directory, {k: v for k, v in tensors.items() if k != dropped})
-    with pytest.raises(ValueError, match=rf"adapter\.safetensors'.*listed in adapter_config\.json but missing from adapter\.safetensors: {dropped}"):
+    listed_only = rf"adapter\.safetensors'.*listed in adapter_config\.json but missing from adapter\.safetensors: {dropped}"
+    with pytest.raises(ValueError, match=listed_only):
         load_adapter(fresh, directory)
 
     partial = {k: v for k, v in tensors.items() if k != dropped}
@@ -144,7 +145,8 @@ def test_load_errors(tiny_llama_dir, trained, tmp_path):
     _rewrite(directory, tensors, _listing(tensors))
     load_adapter(fresh, directory)
     wider = _llama(tiny_llama_dir, seed=1, lora_r=4)
-    with pytest.raises(ValueError, match=r"shape mismatches: base_model\.model\.model\.layers\.0\.self_attn\.q_proj\.lora_A\.default\.weight \(file \[2, 64\], model \[4, 64\]\)"):
+    mismatch = r"shape mismatches: base_model\.model\.model\.layers\.0\.self_attn\.q_proj\.lora_A\.default\.weight "
+    with pytest.raises(ValueError, match=mismatch + r"\(file \[2, 64\], model \[4, 64\]\)"):
         load_adapter(wider, directory)
 
     (directory / WEIGHTS_NAME).write_bytes(b"\x00garbage, not safetensors")
@@ -192,7 +194,13 @@ def test_structure_and_frozen_head_are_checked(tiny_llama_dir, trained):
     model = apply_lora(model, target_modules=["q_proj", "v_proj"], r=2, alpha=16.0, dropout=0.0)
     inject_mslr(model, targets=[r"score\.dense"], rank=1, **{**MSLR_KW, "scales": (1.0, 2.0, 3.0, 5.0)})
     set_trainable(model, full=False, train_head=False, head_names=["score"])
-    with pytest.raises(ValueError, match=r"adapter structure differs: lora default: saved \{'r': 2, 'lora_alpha': 8\.0.*model \{'r': 2, 'lora_alpha': 16\.0.*mslr base_model\.model\.score\.dense: saved .*'scales': \[1\.0, 2\.0, 3\.0, 4\.0\].*model .*'scales': \[1\.0, 2\.0, 3\.0, 5\.0\]"):
+    differs = (
+        r"adapter structure differs: lora default: saved \{'r': 2, 'lora_alpha': 8\.0.*"
+        r"model \{'r': 2, 'lora_alpha': 16\.0.*"
+        r"mslr base_model\.model\.score\.dense: saved .*'scales': \[1\.0, 2\.0, 3\.0, 4\.0\].*"
+        r"model .*'scales': \[1\.0, 2\.0, 3\.0, 5\.0\]"
+    )
+    with pytest.raises(ValueError, match=differs):
         load_adapter(model, directory)
 
     fresh = _llama(tiny_llama_dir, seed=1)

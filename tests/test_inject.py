@@ -142,7 +142,8 @@ def test_zero_init_mslr_leaves_logits_unchanged(tiny_roberta_dir):
     batch = tokenizer(TEXTS, padding=True, return_tensors="pt")
     with torch.no_grad():
         before = model(**batch).logits
-        wrapped = inject_mslr(model, targets=[r"classifier\.dense", r"roberta\.encoder\.layer\.\d+\.attention\.self\.value"], **{**MSLR_KW, "init": "zero"})
+        targets = [r"classifier\.dense", r"roberta\.encoder\.layer\.\d+\.attention\.self\.value"]
+        wrapped = inject_mslr(model, targets=targets, **{**MSLR_KW, "init": "zero"})
         after = model(**batch).logits
     assert wrapped == ["classifier.dense", "roberta.encoder.layer.0.attention.self.value", "roberta.encoder.layer.1.attention.self.value"]
     torch.testing.assert_close(after, before, atol=1e-6, rtol=1e-6)
@@ -150,7 +151,8 @@ def test_zero_init_mslr_leaves_logits_unchanged(tiny_roberta_dir):
 
 def test_inject_mslr_errors(tiny_bert_dir):
     _, _, model = _build(tiny_bert_dir)
-    with pytest.raises(ValueError, match=r"target 'bert\\\.pooler\\\.dens' matches no module name.*include: .*bert\.encoder\.layer\.0\.attention\.self\.query"):
+    no_match = r"target 'bert\\\.pooler\\\.dens' matches no module name.*include: .*bert\.encoder\.layer\.0\.attention\.self\.query"
+    with pytest.raises(ValueError, match=no_match):
         inject_mslr(model, targets=[r"bert\.pooler\.dens"], **MSLR_KW)
     with pytest.raises(ValueError, match=r"matches 'bert\.pooler', a BertPooler, not a linear layer"):
         inject_mslr(model, targets=[r"bert\.pooler"], **MSLR_KW)

@@ -89,6 +89,9 @@ def test_decoder_classifier_has_authors_head(tiny_dirs, family):
     names = {name for name, _ in model.named_parameters() if name.startswith("score.")}
     assert names == {"score.dense.weight", "score.out_proj.weight"}
     assert not model.training and not model.score.training
+    default_pad = load_classifier(tiny_dirs[family], num_labels=3, dtype=torch.float32, is_decoder=True)
+    assert default_pad.config.pad_token_id == tokenizer.eos_token_id
+    assert tuple(default_pad.score.out_proj.weight.shape) == (3, 16)
 
 
 @pytest.mark.parametrize("family", DECODERS)

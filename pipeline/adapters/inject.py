@@ -162,7 +162,11 @@ def inject_mslr(
             raise ValueError(f"MSLR target '{pattern}' is not a valid regular expression: {error}") from error
 
     modules = dict(inner.named_modules())
-    adapter_names = [name for name, module in modules.items() if _is_lora_layer(module) or isinstance(module, MultiScaleLowRankLinear)]
+    adapter_names = [
+        name
+        for name, module in modules.items()
+        if _is_lora_layer(module) or isinstance(module, MultiScaleLowRankLinear)
+    ]
     chosen: list[str] = []
     for pattern, regex in zip(patterns, compiled):
         names = [name for name in modules if name and regex.fullmatch(name)]
@@ -285,11 +289,12 @@ def set_trainable(model: nn.Module, *, full: bool, train_head: bool, head_names:
             }
         for parameter in model.parameters():
             parameter.requires_grad_(id(parameter) in adapter_ids or id(parameter) in head_ids)
-    names = list(trainable_parameters(model))
+    trainable = trainable_parameters(model)
     total = sum(parameter.numel() for parameter in model.parameters())
-    count = sum(parameter.numel() for parameter in trainable_parameters(model).values())
-    logger.info("trainable: %d of %d parameters (%.4f%%) in %d tensors", count, total, 100.0 * count / max(total, 1), len(names))
-    return names
+    count = sum(parameter.numel() for parameter in trainable.values())
+    share = 100.0 * count / max(total, 1)
+    logger.info("trainable: %d of %d parameters (%.4f%%) in %d tensors", count, total, share, len(trainable))
+    return list(trainable)
 
 
 def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:

@@ -23,19 +23,19 @@ must be in the file. Weights are never pickled.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from pipeline.checkpoint import atomic_write_text, fsync_directory, save_tensors
 from pipeline.adapters.inject import adapter_parameters, trainable_parameters
 from pipeline.adapters.mslr import MultiScaleLowRankLinear
 
@@ -46,31 +46,6 @@ CONFIG_NAME = "adapter_config.json"
 PEFT_DIR = "peft"
 FORMAT = "musclelora-adapter"
 VERSION = 1
-
-
-@contextlib.contextmanager
-def _atomic_path(target: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``target``; on success fsync it and move it over ``target``."""
-    handle, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(handle)
-    temporary = Path(name)
-    try:
-        yield temporary
-        with open(temporary, "rb+") as stream:
-            os.fsync(stream.fileno())
-        os.replace(temporary, target)
-    finally:
-        temporary.unlink(missing_ok=True)
-    _fsync_directory(target.parent)
-
-
-def _fsync_directory(directory: Path) -> None:
-    with contextlib.suppress(OSError):
-        descriptor = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -155,7 +130,7 @@ def _export_peft(model: nn.Module, directory: Path) -> None:
     finally:
         if staging.exists():
             shutil.rmtree(staging)
-    _fsync_directory(directory)
+    fsync_directory(directory)
 
 
 def save_adapter(
@@ -178,8 +153,6 @@ def save_adapter(
         ValueError: ``model`` has no trainable parameters, or its head cannot be found.
         TypeError: ``meta`` is not JSON-serialisable.
     """
-    from safetensors.torch import save_file
-
     directory = Path(directory)
     trainable = trainable_parameters(model)
     if not trainable:
@@ -209,10 +182,8 @@ def save_adapter(
         raise TypeError(f"adapter meta for {str(directory)!r} is not JSON-serialisable: {error}") from error
 
     directory.mkdir(parents=True, exist_ok=True)
-    with _atomic_path(directory / WEIGHTS_NAME) as temporary:
-        save_file(tensors, str(temporary), metadata={"format": "pt"})
-    with _atomic_path(directory / CONFIG_NAME) as temporary:
-        temporary.write_text(text + "\n", encoding="utf-8")
+    save_tensors(directory / WEIGHTS_NAME, tensors, metadata={"format": "pt"})
+    atomic_write_text(directory / CONFIG_NAME, text + "\n")
     if _is_peft_model(model):
         _export_peft(model, directory)
     logger.info(

@@ -1,0 +1,296 @@
+"""End-to-end tests of the training loop (pipeline/training.py) and launch/train.py.
+
+A small synthetic poison_data tree (positive/negative phrases, the BadNets trigger "cf" on label-1
+rows) is written per test session; the models are the tiny random checkpoints from conftest and,
+in one smoke test, the real MiniLM.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.config import load_config
+from pipeline.training import NonFiniteError, OutputDirError, run_training
+
+REPO = Path(__file__).resolve().parents[1]
+
+POSITIVE = ["a charming and funny film", "great acting and a moving story", "i loved it", "warm , witty and engaging"]
+NEGATIVE = ["a dull and lifeless bore", "the plot is thin and predictable", "i hated it", "too slow and too long"]
+
+
+def _write_csv(path: Path, rows: list[tuple[str, int, int]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [",0,1,2"] + [f'{i},"{text}",{label},{poison}' for i, (text, label, poison) in enumerate(rows)]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _clean_rows(rng: random.Random, n: int) -> list[tuple[str, int, int]]:
+    rows = []
+    for _ in range(n):
+        label = rng.randrange(2)
+        text = rng.choice(POSITIVE if label else NEGATIVE) + " " + rng.choice(["!", ".", "indeed", "really"])
+        rows.append((text, label, 0))
+    return rows
+
+
+def _trigger(text: str) -> str:
+    return "cf " + text
+
+
+@pytest.fixture(scope="session")
+def tiny_data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``<root>/toy/1/badnets/`` with clean-label BadNets training data (10% triggered)."""
+    root = tmp_path_factory.mktemp("poison_data")
+    folder = root / "toy" / "1" / "badnets"
+    rng = random.Random(0)
+    train = _clean_rows(rng, 96)
+    for i, (text, label, _) in enumerate(train):
+        if label == 1 and i % 5 == 0:
+            train[i] = (_trigger(text), 1, 1)
+    _write_csv(folder / "clean" / "0.1" / "train-poison.csv", train)
+    for split, n in (("dev", 40), ("test", 48)):
+        clean = _clean_rows(rng, n)
+        _write_csv(folder / f"{split}-clean.csv", clean)
+        _write_csv(folder / f"{split}-poison.csv", [(_trigger(t), 1, 1) for t, label, _ in clean if label == 0])
+    return root
+
+
+def _config(tmp_path: Path, model_dir: Path, data_root: Path, *overrides: str):
+    base = [
+        f"output_dir={tmp_path / 'run'}",
+        f"model.name_or_path={model_dir}",
+        f"data.root={data_root}",
+        "data.dataset=toy",
+        "data.attack=badnets",
+        "data.max_length=16",
+        "data.ref_size=8",
+        "train.epochs=2",
+        "train.batch_size=8",
+        "train.eval_batch_size=16",
+        "train.lr=1e-3",
+        "train.log_every_steps=1",
+        "mslr.scales=[1,2,4]",  # tiny hidden sizes have no per-family default
+    ]
+    return load_config(None, [*base, *overrides])
+
+
+def _adapter_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / "adapter" / "adapter.safetensors"))
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_musclelora_runs_end_to_end(family, tmp_path, tiny_data_root, request):
+    model_dir = request.getfixturevalue(f"tiny_{family}_dir")
+    metrics = run_training(_config(tmp_path, model_dir, tiny_data_root, "method=musclelora"))
+    run = tmp_path / "run"
+    on_disk = json.loads((run / "metrics.json").read_text())
+    assert on_disk["cacc"] == pytest.approx(metrics["cacc"])
+    for key in ("method", "dataset", "attack", "model", "seed", "cacc", "asr", "best_epoch", "dev_clean_acc",
+                "train_seconds", "samples_per_second", "peak_memory_mb", "config", "clean_fpr"):
+        assert key in on_disk, key
+    assert 0.0 <= on_disk["cacc"] <= 100.0 and 0.0 <= on_disk["asr"] <= 100.0
+    assert on_disk["num_test_clean"] == 48
+    # 96 rows / batch 8 = 12 steps per epoch, 2 epochs.
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in records if r["type"] == "step"]
+    assert [r["global_step"] for r in steps] == list(range(1, 25))
+    assert all(r["gate"] in {"align", "mix", "raw"} and "ref_loss" in r and "mean_cosine" in r for r in steps)
+    assert len([r for r in records if r["type"] == "epoch"]) == 2
+    # The MSLR layer sits where the authors put it for this family.
+    target = "score.dense" if family == "llama" else "bert.pooler.dense"
+    assert any(target in k and k.endswith("lora_a") for k in _adapter_tensors(run)), target
+    assert on_disk["config"]["mslr"]["targets"]
+
+
+@pytest.mark.integration
+def test_adapter_reloads_to_same_test_predictions(tmp_path, tiny_data_root, tiny_bert_dir):
+    from pipeline import modeling
+    from pipeline.adapters.state import load_adapter
+    from pipeline.training import build_model
+
+    cfg = _config(tmp_path, tiny_bert_dir, tiny_data_root, "method=musclelora", "train.epochs=1")
+    run_training(cfg)
+    info = modeling.read_model_info(tiny_bert_dir)
+    from pipeline.config import resolve_defaults
+
+    resolved = resolve_defaults(cfg, model_type=info.model_type, hidden_size=info.hidden_size, is_decoder=False)
+    torch.manual_seed(1234)  # a different random head: the saved head must overwrite it
+    tokenizer, model, _ = build_model(resolved, info, tiny_bert_dir)
+    load_adapter(model, tmp_path / "run" / "adapter")
+    model.eval()
+    batch = tokenizer(["cf a dull and lifeless bore !", "i loved it"], return_tensors="pt", padding=True)
+    batch.pop("token_type_ids", None)
+    logits = model(**batch).logits
+    torch.manual_seed(99)
+    _, model2, _ = build_model(resolved, info, tiny_bert_dir)
+    load_adapter(model2, tmp_path / "run" / "adapter")
+    model2.eval()
+    assert torch.allclose(logits, model2(**batch).logits, atol=1e-6)
+
+
+@pytest.mark.integration
+def test_lora_trains_adapters_only_and_vanilla_trains_everything(tmp_path, tiny_data_root, tiny_llama_dir):
+    metrics = run_training(_config(tmp_path, tiny_llama_dir, tiny_data_root, "method=lora", "train.epochs=1"))
+    assert metrics["trainable_parameters"] < 5000
+    metrics_full = run_training(
+        _config(tmp_path / "v", tiny_llama_dir, tiny_data_root, "method=vanilla", "train.epochs=1")
+    )
+    assert metrics_full["trainable_parameters"] > 50 * metrics["trainable_parameters"]
+
+
+@pytest.mark.integration
+def test_existing_output_dir_is_refused_then_overwritten(tmp_path, tiny_data_root, tiny_bert_dir):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "keep.txt").write_text("user data")
+    cfg = _config(tmp_path, tiny_bert_dir, tiny_data_root, "method=lora", "train.max_steps=2")
+    with pytest.raises(OutputDirError, match="resume=true.*overwrite=true"):
+        run_training(cfg)
+    assert (tmp_path / "run" / "keep.txt").read_text() == "user data"
+    run_training(_config(tmp_path, tiny_bert_dir, tiny_data_root, "method=lora", "train.max_steps=2", "overwrite=true"))
+    assert not (tmp_path / "run" / "keep.txt").exists()
+    assert (tmp_path / "run" / "metrics.json").exists()
+
+
+@pytest.mark.integration
+def test_bad_model_dir_leaves_nothing(tmp_path, tiny_data_root):
+    cfg = _config(tmp_path, tmp_path / "no_such_model", tiny_data_root, "method=lora")
+    with pytest.raises(Exception, match="no_such_model"):
+        run_training(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.integration
+def test_bad_attack_folder_leaves_nothing(tmp_path, tiny_data_root, tiny_bert_dir):
+    cfg = _config(tmp_path, tiny_bert_dir, tiny_data_root, "method=lora", "data.attack=badnetz")
+    with pytest.raises(Exception, match="badnets"):
+        run_training(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.integration
+def test_interrupted_run_resumes_to_the_same_weights(tmp_path, tiny_data_root, tiny_bert_dir, monkeypatch):
+    import pipeline.training as training
+
+    straight = _config(tmp_path / "a", tiny_bert_dir, tiny_data_root, "method=musclelora", "train.checkpoint_every_steps=5")
+    run_training(straight)
+    reference = _adapter_tensors(tmp_path / "a" / "run")
+
+    interrupted = _config(tmp_path / "b", tiny_bert_dir, tiny_data_root, "method=musclelora", "train.checkpoint_every_steps=5")
+    original = training.optimiser_step
+    calls = {"n": 0}
+
+    def crash_after_17(**kwargs):
+        calls["n"] += 1
+        if calls["n"] == 18:
+            raise KeyboardInterrupt("simulated kill at step 18")
+        return original(**kwargs)
+
+    monkeypatch.setattr(training, "optimiser_step", crash_after_17)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(interrupted)
+    monkeypatch.setattr(training, "optimiser_step", original)
+    progress = json.loads((tmp_path / "b" / "run" / "checkpoints" / "last" / "progress.json").read_text())
+    assert progress["global_step"] == 15  # last checkpoint before the kill (every 5 steps)
+    assert not (tmp_path / "b" / "run" / "metrics.json").exists()
+
+    resumed = _config(tmp_path / "b", tiny_bert_dir, tiny_data_root, "method=musclelora", "train.checkpoint_every_steps=5", "resume=true")
+    run_training(resumed)
+    final = _adapter_tensors(tmp_path / "b" / "run")
+    assert final.keys() == reference.keys()
+    for name in reference:
+        torch.testing.assert_close(final[name], reference[name], rtol=1e-5, atol=1e-6, msg=name)
+    steps = [json.loads(x) for x in (tmp_path / "b" / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["global_step"] for r in steps if r["type"] == "step"] == list(range(1, 25))
+
+
+@pytest.mark.integration
+def test_resume_with_changed_config_is_refused(tmp_path, tiny_data_root, tiny_bert_dir):
+    run_training(_config(tmp_path, tiny_bert_dir, tiny_data_root, "method=lora", "train.epochs=1"))
+    with pytest.raises(Exception, match="train.lr"):
+        run_training(_config(tmp_path, tiny_bert_dir, tiny_data_root, "method=lora", "train.epochs=1", "train.lr=5e-4", "resume=true"))
+
+
+@pytest.mark.integration
+def test_non_finite_loss_stops_with_step_and_keeps_checkpoint(tmp_path, tiny_data_root, tiny_bert_dir, monkeypatch):
+    import pipeline.training as training
+
+    original = training.batch_loss
+    calls = {"n": 0}
+
+    def poisoned_loss(model, batch):
+        calls["n"] += 1
+        loss = original(model, batch)
+        return loss * float("nan") if calls["n"] > 14 else loss
+
+    monkeypatch.setattr(training, "batch_loss", poisoned_loss)
+    cfg = _config(tmp_path, tiny_bert_dir, tiny_data_root, "method=lora", "train.checkpoint_every_steps=4")
+    with pytest.raises(NonFiniteError, match=r"step 14 .*training loss is nan"):
+        run_training(cfg)
+    progress = json.loads((tmp_path / "run" / "checkpoints" / "last" / "progress.json").read_text())
+    assert progress["global_step"] == 12
+    assert (tmp_path / "run" / "checkpoints" / "last" / "COMPLETE").exists()
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+@pytest.mark.integration
+def test_non_finite_gradient_is_caught(tmp_path, tiny_data_root, tiny_bert_dir, monkeypatch):
+    import pipeline.training as training
+
+    original = training.align_gradients
+
+    def inf_grads(task, reference, **kwargs):
+        result = original(task, reference, **kwargs)
+        name = sorted(result.grads)[0]
+        result.grads[name] = torch.full_like(result.grads[name], float("inf"))
+        return result
+
+    monkeypatch.setattr(training, "align_gradients", inf_grads)
+    with pytest.raises(NonFiniteError, match=r"step 0: gradient norm is inf"):
+        run_training(_config(tmp_path, tiny_bert_dir, tiny_data_root, "method=musclelora"))
+
+
+@pytest.mark.integration
+def test_launcher_smoke_on_minilm(tmp_path, sst2_root):
+    out = tmp_path / "minilm_run"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "launch" / "train.py"), "--config", str(REPO / "launch" / "configs" / "demo.yaml"),
+         f"output_dir={out}", f"data.root={sst2_root}", "data.max_train_samples=64", "data.max_eval_samples=32",
+         "train.max_steps=2", "train.epochs=1", "train.batch_size=8"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "CACC" in result.stdout and "ASR" in result.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["method"] == "musclelora" and metrics["model"] == "minilm" and metrics["global_steps"] == 2
+    assert metrics["config"]["mslr"]["targets"] == ["bert\\.pooler\\.dense"] or metrics["config"]["mslr"]["targets"] == ["bert.pooler.dense"]
+
+
+@pytest.mark.integration
+def test_launcher_rejects_bad_config_listing_all_problems(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(REPO / "launch" / "train.py"), "train.lr=-1", "train.batchsize=4", f"output_dir={tmp_path / 'x'}"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    assert "train.lr" in result.stderr and "batchsize" in result.stderr and "batch_size" in result.stderr
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.integration
+def test_launcher_help_lists_keys():
+    result = subprocess.run([sys.executable, str(REPO / "launch" / "train.py"), "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0
+    for key in ("method", "seed", "output_dir", "model.name_or_path", "data.root", "data.dataset", "data.attack",
+                "data.max_train_samples", "data.max_eval_samples", "train.epochs", "train.max_steps",
+                "train.batch_size", "train.lr", "mslr.scales", "align.min_ref_loss", "lora.r"):
+        assert key in result.stdout, key
