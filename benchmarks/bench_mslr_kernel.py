@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import math
+import os
 import platform
 import random
 import shlex
@@ -39,6 +40,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import FunctionCtx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -62,7 +64,16 @@ class _ConcatMSLR(torch.autograd.Function):
     """Alternative fused op: ``[W0; L]`` forward GEMM, ``[g, gz] [W0; L]`` input-gradient GEMM."""
 
     @staticmethod
-    def forward(ctx, x, w_cat, b_cat, lora_a, lora_b, scale_vec, d_out):  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx: FunctionCtx,
+        x: Tensor,
+        w_cat: Tensor,
+        b_cat: Tensor,
+        lora_a: Tensor,
+        lora_b: Tensor,
+        scale_vec: Tensor,
+        d_out: int,
+    ) -> Tensor:
         y = torch.addmm(b_cat, x, w_cat.t())  # [n, d_out + R]: base output and z in one GEMM
         z = y[:, d_out:].clone()  # [n, R]
         out = y[:, :d_out]
@@ -72,7 +83,7 @@ class _ConcatMSLR(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx, grad_out):  # type: ignore[override]
+    def backward(ctx: FunctionCtx, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         x, z, w_cat, lora_b, scale_vec = ctx.saved_tensors
         g = grad_out
         gz = F.linear(g, lora_b.t().contiguous()) * scale_vec  # [n, R]
@@ -220,6 +231,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     """Run the benchmark, log the table, optionally append it to a markdown file."""
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()
     dtype = DTYPES[args.dtype]
     rows: list[Row] = []
     names: list[str] = []
@@ -241,9 +253,11 @@ def main(argv: list[str] | None = None) -> list[Row]:
     if args.markdown is not None:
         machine = args.machine or f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}"
         cmd = " ".join(shlex.quote(a) for a in ["benchmarks/bench_mslr_kernel.py", *(argv or sys.argv[1:])])
+        load_after = os.getloadavg()
         block = (
             f"\n{dt.date.today().isoformat()}, {machine}, torch {torch.__version__}, {args.dtype}, "
-            f"B={args.num_scales} x r={args.rank}, fwd+bwd, x requires grad, median of interleaved rounds.\n"
+            f"B={args.num_scales} x r={args.rank}, fwd+bwd, x requires grad, median of interleaved rounds; "
+            f"1-min load average {load_before[0]:.2f} before, {load_after[0]:.2f} after.\n"
             f"Command: `.venv/bin/python {cmd}`\n\n{table}\n"
         )
         with args.markdown.open("a", encoding="utf-8") as fh:

@@ -245,7 +245,8 @@ def mslr_linear(
     """Fused MSLR over a plain frozen linear base: ``x W^T + b + ((x A^T) * s) B^T``.
 
     Never builds the dense ``d_out x d_in`` delta. Computes in ``x``'s dtype (float32, bfloat16,
-    float16, float64); the adapter operands are cast to it. ``weight``/``bias`` get no gradient; ``x``,
+    float16, float64); the adapter operands are cast to it. Under ``torch.autocast`` it falls back to
+    :func:`mslr_reference`, whose plain ops follow autocast's per-op dtypes. ``weight``/``bias`` get no gradient; ``x``,
     ``lora_a``, ``lora_b`` and ``scale_vec`` get one when they require it (and only then).
 
     Args:
@@ -265,6 +266,8 @@ def mslr_linear(
     """
     _check_frozen_base("mslr_linear", x, weight, bias)
     _check_low_rank("mslr_linear", x, lora_a, lora_b, scale_vec, d_out=weight.shape[0])
+    if torch.is_autocast_enabled(x.device.type):  # autocast picks per-op dtypes; let plain autograd follow it
+        return mslr_reference(x, weight, bias, lora_a, lora_b, scale_vec)
     lora_a, lora_b, scale_vec = _cast_low_rank(x, lora_a, lora_b, scale_vec)
     return _MSLRLinear.apply(x, weight, bias, lora_a, lora_b, scale_vec)
 
@@ -282,7 +285,7 @@ def mslr_delta(
     For bases the fused op cannot see into (a bitsandbytes 4-bit linear, a ZeRO-partitioned linear,
     any custom module) the caller computes ``base_layer(x)`` itself. Passing that result as
     ``base_out`` adds the delta to it in the same pass (one write instead of delta + sum); its gradient
-    is passed through unchanged.
+    is passed through unchanged. Under ``torch.autocast`` it runs as plain autograd ops.
 
     Args:
         x: input ``[..., d_in]``.
@@ -309,6 +312,9 @@ def mslr_delta(
                 "or add the delta yourself"
             )
     lora_a, lora_b, scale_vec = _cast_low_rank(x, lora_a, lora_b, scale_vec)
+    if torch.is_autocast_enabled(x.device.type):  # autocast picks per-op dtypes; let plain autograd follow it
+        delta = F.linear(F.linear(x, lora_a) * scale_vec, lora_b)
+        return delta if base_out is None else base_out + delta
     return _MSLRDelta.apply(x, lora_a, lora_b, scale_vec, base_out)
 
 

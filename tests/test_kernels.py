@@ -140,6 +140,18 @@ def test_low_precision_loose_parity(dtype: torch.dtype) -> None:
     torch.testing.assert_close(delta.double(), ref_delta, rtol=0, atol=0.02 * ref_delta.abs().max().item())
 
 
+def test_autocast_follows_plain_autograd() -> None:
+    c = make_case()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = mslr_linear(c["x"], c["weight"], c["bias"], c["lora_a"], c["lora_b"], c["scale_vec"])
+        ref = mslr_reference(c["x"], c["weight"], c["bias"], c["lora_a"], c["lora_b"], c["scale_vec"])
+        delta = mslr_delta(c["x"], c["lora_a"], c["lora_b"], c["scale_vec"])
+    assert out.dtype == ref.dtype == delta.dtype == torch.bfloat16
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    want = naive_mslr(c["x"], None, None, c["lora_a"], c["lora_b"], c["scales"], 2, 6.0)
+    torch.testing.assert_close(delta.float(), want, rtol=0, atol=0.02 * want.abs().max().item())
+
+
 def test_adapter_weights_are_cast_to_input_dtype() -> None:
     c = make_case(dtype=torch.float32)
     x16 = c["x"].detach().to(torch.bfloat16).requires_grad_(True)
