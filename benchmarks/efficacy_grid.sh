@@ -5,7 +5,7 @@
 #   bash benchmarks/efficacy_grid.sh [OUT_ROOT] [ATTACK ...]
 #
 # Settings shared by every cell (sized for a 2-core CPU): max length 64, 3,000 seeded training rows,
-# 4 epochs, batch 32, one thread per process (run two invocations side by side on 2 cores).
+# 3 epochs, batch 32, one thread per process (run two invocations side by side on 2 cores).
 # lr: 2e-5 for full fine-tuning (authors), 1e-3 for the adapter methods (see launch/configs/demo.yaml).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,7 +14,7 @@ ATTACKS=${*:-badnets addsent stylebkd synbkd}
 METHODS=${METHODS:-vanilla lora musclelora}
 SEED=${SEED:-42}
 PY=${PY:-.venv/bin/python}
-COMMON="data.max_length=64 data.max_train_samples=3000 train.epochs=${EPOCHS:-4} train.batch_size=32 train.num_threads=${THREADS:-1} seed=$SEED"
+COMMON="data.max_length=64 data.max_train_samples=3000 train.epochs=${EPOCHS:-3} train.batch_size=32 train.num_threads=${THREADS:-1} seed=$SEED"
 for attack in $ATTACKS; do
   for method in $METHODS; do
     dir="$OUT/${attack}_${method}_s${SEED}"
