@@ -477,9 +477,10 @@ def test_demo_and_minilm_configs():
     demo = load_config(CONFIG_DIR / "demo.yaml")
     assert demo.model.name_or_path == "minilm" and demo.output_dir == "runs/demo"
     assert (demo.data.max_length, demo.train.epochs, demo.train.batch_size) == (64, 2, 32)
-    assert demo.train.lr == pytest.approx(2e-4)
+    assert demo.data.max_train_samples == 3000
+    assert demo.train.lr == pytest.approx(1e-3) and demo.mslr.init == "zero"
     full = load_config(CONFIG_DIR / "sst2_minilm.yaml")
-    assert (full.data.max_length, full.train.epochs, full.train.lr) == (128, 10, pytest.approx(2e-4))
+    assert (full.data.max_length, full.train.epochs, full.train.lr) == (128, 10, pytest.approx(1e-3))
     assert full.mslr.scales == _resolved("bert", 384, False).mslr.scales
 
 
