@@ -255,7 +255,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
         cmd = " ".join(shlex.quote(a) for a in ["benchmarks/bench_mslr_kernel.py", *(argv or sys.argv[1:])])
         load_after = os.getloadavg()
         block = (
-            f"\n{dt.date.today().isoformat()}, {machine}, torch {torch.__version__}, {args.dtype}, "
+            f"\n{dt.date.today().isoformat()}, {machine}"
+            f"{'' if torch.__version__ in machine else f', torch {torch.__version__}'}, {args.dtype}, "
             f"B={args.num_scales} x r={args.rank}, fwd+bwd, x requires grad, median of interleaved rounds; "
             f"1-min load average {load_before[0]:.2f} before, {load_after[0]:.2f} after.\n"
             f"Command: `.venv/bin/python {cmd}`\n\n{table}\n"

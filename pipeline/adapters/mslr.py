@@ -26,7 +26,6 @@ Choices:
 
 from __future__ import annotations
 
-import logging
 import math
 import numbers
 import warnings
@@ -39,8 +38,6 @@ from torch import Tensor, nn
 from kernels.mslr import fold_scales, mslr_delta, mslr_linear
 
 __all__ = ["InitMode", "MultiScaleLowRankLinear"]
-
-logger = logging.getLogger(__name__)
 
 InitMode = Literal["kaiming", "zero"]
 
