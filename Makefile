@@ -18,8 +18,9 @@ $(STAMP): pyproject.toml Makefile
 
 venv: $(STAMP)
 
+# Each demo run gets its own output folder (an existing output_dir is never overwritten).
 demo: $(STAMP)
-	$(PY) launch/train.py
+	$(PY) launch/train.py output_dir=runs/demo-$$(date +%Y%m%d-%H%M%S)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
