@@ -1,7 +1,7 @@
 """Tests of pipeline/adapters/mslr.py: MultiScaleLowRankLinear (MuScleLoRA MSLR, arXiv 2402.12026).
 
 References: peft's LoRA for the single-scale case, and the REFERENCE.md 2.2 formula written as a loop
-over branches (``naive_mslr`` in tests/test_kernels.py, restated here to keep the files independent).
+over branches (``naive_mslr`` in tests/naive_mslr.py, shared with tests/test_kernels.py).
 """
 
 from __future__ import annotations
@@ -13,12 +13,14 @@ import pytest
 import torch
 from torch import nn
 
+from naive_mslr import naive_mslr
+
 from pipeline.adapters import MultiScaleLowRankLinear
 
 D_IN, D_OUT = 12, 9
 
 
-def naive_mslr(
+def naive_module(
     x: torch.Tensor,
     base: nn.Linear | None,
     lora_a: torch.Tensor,
@@ -28,12 +30,9 @@ def naive_mslr(
     alpha: float,
 ) -> torch.Tensor:
     """h = W0 x + b0 + (alpha / r) * sum_i k_i R_i L_i x (base None: the sum alone)."""
-    h = base(x) if base is not None else torch.zeros(*x.shape[:-1], lora_b.shape[0], dtype=x.dtype)
-    for i, k_i in enumerate(scales):
-        r_i = lora_b[:, i * rank : (i + 1) * rank]
-        l_i = lora_a[i * rank : (i + 1) * rank]
-        h = h + (alpha / rank) * k_i * (x @ (r_i @ l_i).T)
-    return h
+    weight = base.weight.detach() if base is not None else None
+    bias = base.bias.detach() if base is not None and base.bias is not None else None
+    return naive_mslr(x, weight, bias, lora_a, lora_b, scales, rank, alpha)
 
 
 class LinearWrapper(nn.Module):
@@ -115,14 +114,14 @@ def test_multi_scale_matches_naive_formula(bias: bool) -> None:
     randomize_(m)
     x = rand_x(3, 5)
     out = m(x)
-    ref = naive_mslr(x, base, m.lora_a, m.lora_b, scales, rank, alpha)
+    ref = naive_module(x, base, m.lora_a, m.lora_b, scales, rank, alpha)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     g = torch.randn(out.shape, generator=torch.Generator().manual_seed(4))
     got = torch.autograd.grad(out, [x, m.lora_a, m.lora_b], g)
     want = torch.autograd.grad(ref, [x, m.lora_a, m.lora_b], g)
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(m.delta_weight(), naive_mslr(torch.eye(D_IN), None, m.lora_a, m.lora_b, scales, rank, alpha).T)
+    torch.testing.assert_close(m.delta_weight(), naive_module(torch.eye(D_IN), None, m.lora_a, m.lora_b, scales, rank, alpha).T)
 
 
 def test_attributes_freezing_and_state_dict_round_trip() -> None:
@@ -206,7 +205,7 @@ def test_keep_base_false_is_the_low_rank_term_alone() -> None:
     m = MultiScaleLowRankLinear(base, rank=rank, scales=scales, alpha=alpha, keep_base=False)
     x = rand_x(5)
     out = m(x)
-    torch.testing.assert_close(out, naive_mslr(x, None, m.lora_a, m.lora_b, scales, rank, alpha), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, naive_module(x, None, m.lora_a, m.lora_b, scales, rank, alpha), rtol=1e-5, atol=1e-5)
     out.sum().backward()
     assert base.weight.grad is None and m.lora_a.grad is not None
 
@@ -221,11 +220,11 @@ def test_dropout_applies_in_training_only() -> None:
     out = m(x)
     torch.manual_seed(10)
     dropped = nn.functional.dropout(x, p, training=True)
-    want = base(x) + naive_mslr(dropped, None, m.lora_a, m.lora_b, scales, rank, alpha)
+    want = base(x) + naive_module(dropped, None, m.lora_a, m.lora_b, scales, rank, alpha)
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(out, m(x))  # a new mask each call
     m.eval()
-    no_drop = naive_mslr(x, base, m.lora_a, m.lora_b, scales, rank, alpha)
+    no_drop = naive_module(x, base, m.lora_a, m.lora_b, scales, rank, alpha)
     torch.testing.assert_close(m(x), no_drop, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(m(x), m(x), rtol=0, atol=0)
 
@@ -270,7 +269,7 @@ def test_dtypes_low_precision_and_quantized_base() -> None:
     x = rand_x(2, 3)  # float32 input into a bf16 layer
     out = m(x)
     assert out.dtype == torch.float32
-    ref = naive_mslr(x.double(), None, m.lora_a.double(), m.lora_b.double(), [1.0, 2.0], 1, 1.0)
+    ref = naive_module(x.double(), None, m.lora_a.double(), m.lora_b.double(), [1.0, 2.0], 1, 1.0)
     ref = ref + x.double() @ base.weight.double().T + base.bias.double()
     torch.testing.assert_close(out.double(), ref, rtol=0, atol=0.03 * ref.abs().max().item())
     out.sum().backward()
@@ -281,7 +280,7 @@ def test_dtypes_low_precision_and_quantized_base() -> None:
     mq = MultiScaleLowRankLinear(quant, rank=2, scales=(1.0, 3.0), alpha=2.0)
     assert mq.lora_a.dtype == torch.float32  # int8 base weight -> float32 adapters
     x = rand_x(4)
-    want = quant(x) + naive_mslr(x, None, mq.lora_a, mq.lora_b, [1.0, 3.0], 2, 2.0)
+    want = quant(x) + naive_module(x, None, mq.lora_a, mq.lora_b, [1.0, 3.0], 2, 2.0)
     torch.testing.assert_close(mq(x), want, rtol=1e-5, atol=1e-5)
 
 
