@@ -326,8 +326,8 @@ def _is_checkpoint_or_empty(directory: Path) -> bool:
     return (directory / COMPLETE_MARKER).is_file() or not any(directory.iterdir())
 
 
-def _move_into_place(staging: Path, directory: Path) -> None:
-    """Rename ``staging`` to ``directory``, replacing (then deleting) an older checkpoint there."""
+def replace_directory(staging: Path, directory: Path) -> None:
+    """Rename ``staging`` to ``directory``, replacing (then deleting) an older directory there; rolls back on failure."""
     if not directory.exists():
         os.rename(staging, directory)
         fsync_directory(directory.parent)
@@ -398,7 +398,7 @@ def save_training_state(
             staging / COMPLETE_MARKER,
             {"format_version": CHECKPOINT_FORMAT_VERSION, "files": list(_CHECKPOINT_FILES)},
         )
-        _move_into_place(staging, directory)
+        replace_directory(staging, directory)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

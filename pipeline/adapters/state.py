@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -35,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.checkpoint import atomic_write_text, fsync_directory, save_tensors
+from pipeline.checkpoint import atomic_write_text, replace_directory, save_tensors
 from pipeline.adapters.inject import adapter_parameters, trainable_parameters
 from pipeline.adapters.mslr import MultiScaleLowRankLinear
 
@@ -120,17 +119,10 @@ def _export_peft(model: nn.Module, directory: Path) -> None:
     target = directory / PEFT_DIR
     try:
         model.save_pretrained(staging, safe_serialization=True)
-        if target.exists():
-            retired = Path(tempfile.mkdtemp(dir=directory, prefix=f".{PEFT_DIR}.old."))
-            os.replace(target, retired / PEFT_DIR)
-            os.replace(staging, target)
-            shutil.rmtree(retired)
-        else:
-            os.replace(staging, target)
+        replace_directory(staging, target)
     finally:
         if staging.exists():
             shutil.rmtree(staging)
-    fsync_directory(directory)
 
 
 def save_adapter(
