@@ -3,6 +3,15 @@
     python launch/train.py                                   # the demo (launch/configs/demo.yaml)
     python launch/train.py --config FILE key=value ...       # any other run
     python launch/train.py --config FILE --print-config      # show the resolved config and exit
+
+Data parallel (only rank 0 writes files, logs and shows progress):
+
+    deepspeed --num_gpus 2 launch/train.py --deepspeed ds_configs/zero2.json --config FILE ...
+    torchrun --nproc_per_node 2 launch/train.py --config FILE ...          # torch DDP
+    torchrun --nproc_per_node 2 launch/train.py --deepspeed ds_configs/zero3.json --config FILE ...
+    accelerate launch --config_file launch/configs/accelerate_zero2.yaml launch/train.py --config FILE ...
+
+On CPU ranks set OMP_NUM_THREADS (or train.num_threads) so ranks do not oversubscribe the cores.
 """
 
 from __future__ import annotations
@@ -10,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -34,6 +44,21 @@ def _keys_help() -> str:
     return "\n".join(lines)
 
 
+def _accelerate_deepspeed_config() -> Path | None:
+    """The DeepSpeed JSON named by an ``accelerate launch`` DeepSpeed plugin config, if any.
+
+    ``accelerate launch`` exports its plugin settings as ``ACCELERATE_DEEPSPEED_*`` variables; the
+    pipeline drives the DeepSpeed engine itself, so it takes the plugin's ``deepspeed_config_file``.
+    """
+    path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if not path or path == "none":
+        raise ConfigError([
+            "accelerate launch with a DeepSpeed plugin: set deepspeed_config_file in the accelerate config "
+            "(e.g. ds_configs/zero2.json; see launch/configs/accelerate_zero2.yaml) or pass --deepspeed"
+        ])
+    return Path(path)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__,
@@ -42,18 +67,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--config", type=Path, default=None, help=f"YAML run config (default: {DEMO_CONFIG.relative_to(REPO)})")
     parser.add_argument("--print-config", action="store_true", help="print the config (before per-family defaults) and exit")
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--deepspeed", type=Path, default=None, metavar="JSON",
+                        help="train through a DeepSpeed engine with this config (presets: ds_configs/*.json); batch size, "
+                             "accumulation, clipping, lr and optimizer come from the run config")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="log level on rank 0 (other ranks log warnings and errors only)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=1e-4 data.attack=addsent")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    level = args.log_level if os.environ.get("RANK", "0") == "0" else "WARNING"
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     for noisy in ("httpx", "urllib3", "datasets", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         cfg = load_config(args.config or DEMO_CONFIG, args.overrides)
+        if args.deepspeed is None and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+            args.deepspeed = _accelerate_deepspeed_config()
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -64,10 +97,12 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.training import run_training  # heavy imports only when training
 
     try:
-        metrics = run_training(cfg)
+        metrics = run_training(cfg, deepspeed_config=args.deepspeed)
     except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as err:
         logging.getLogger("launch.train").error("%s: %s", type(err).__name__, err)
         return 1
+    if os.environ.get("RANK", "0") != "0":
+        return 0
     print(
         f"\nmethod={metrics['method']} attack={metrics['attack']} model={metrics['model']}\n"
         f"CACC {metrics['cacc']:.2f}%   ASR {metrics['asr']:.2f}%   "

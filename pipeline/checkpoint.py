@@ -10,6 +10,7 @@ A training checkpoint is a directory, built under ``<name>.tmp-<pid>`` and renam
     <name>/optimizer.pt            {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
     <name>/rng.pt                  capture_rng_state()
     <name>/progress.json           epoch, step, best metrics ... (JSON)
+    <name>/ranks.pt                data-parallel runs only: [{"optimizer": ..., "rng": ...} per rank]
     <name>/COMPLETE                written last; a directory without it is refused
 
 ``.pt`` files hold only tensors and plain Python values and are read with
@@ -42,6 +43,7 @@ TRAINABLE_FILE = "trainable.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 RNG_FILE = "rng.pt"
 PROGRESS_FILE = "progress.json"
+RANKS_FILE = "ranks.pt"
 COMPLETE_MARKER = "COMPLETE"
 CHECKPOINT_FORMAT_VERSION = 1
 _CHECKPOINT_FILES = (TRAINABLE_FILE, OPTIMIZER_FILE, RNG_FILE, PROGRESS_FILE)
@@ -313,6 +315,8 @@ class TrainingState:
         scheduler_state: ``scheduler.state_dict()`` as saved.
         progress: The JSON progress record (epoch, step_in_epoch, global_step, best metrics, ...).
         rng: Generator states for :func:`restore_rng_state`.
+        rank_states: For a data-parallel run, one ``{"optimizer": ..., "rng": ...}`` per rank (each
+            rank's optimizer partition and generators), else None.
     """
 
     trainable: dict[str, Tensor]
@@ -320,6 +324,7 @@ class TrainingState:
     scheduler_state: dict[str, Any]
     progress: dict[str, Any]
     rng: dict[str, Any]
+    rank_states: list[dict[str, Any]] | None = None
 
 
 def _is_checkpoint_or_empty(directory: Path) -> bool:
@@ -353,6 +358,7 @@ def save_training_state(
     scheduler_state: Mapping[str, Any],
     progress: Mapping[str, Any],
     rng: Mapping[str, Any],
+    rank_states: list[Mapping[str, Any]] | None = None,
 ) -> None:
     """Write a resumable checkpoint directory atomically (see the module docstring for the layout).
 
@@ -364,6 +370,8 @@ def save_training_state(
         scheduler_state: ``scheduler.state_dict()``.
         progress: JSON-serialisable progress record.
         rng: Output of :func:`capture_rng_state`.
+        rank_states: Per-rank optimizer partitions and generator states of a data-parallel run
+            (written to ``ranks.pt``); None for one process.
 
     Raises:
         TypeError: If a state holds a value ``torch.load(weights_only=True)`` refuses, or
@@ -379,6 +387,9 @@ def save_training_state(
     optimizer_and_scheduler = {"optimizer": dict(optimizer_state), "scheduler": dict(scheduler_state)}
     _check_weights_only_safe(optimizer_and_scheduler, "optimizer/scheduler state")
     _check_weights_only_safe(dict(rng), "rng")
+    ranks = [dict(state) for state in rank_states] if rank_states is not None else None
+    if ranks is not None:
+        _check_weights_only_safe(ranks, "per-rank state")
     try:
         progress_text = json.dumps(dict(progress), indent=2, sort_keys=True) + "\n"
     except TypeError as error:
@@ -394,10 +405,11 @@ def save_training_state(
         _atomic_torch_save(staging / OPTIMIZER_FILE, optimizer_and_scheduler)
         _atomic_torch_save(staging / RNG_FILE, dict(rng))
         atomic_write_text(staging / PROGRESS_FILE, progress_text)
-        atomic_write_json(
-            staging / COMPLETE_MARKER,
-            {"format_version": CHECKPOINT_FORMAT_VERSION, "files": list(_CHECKPOINT_FILES)},
-        )
+        files = list(_CHECKPOINT_FILES)
+        if ranks is not None:
+            _atomic_torch_save(staging / RANKS_FILE, ranks)
+            files.append(RANKS_FILE)
+        atomic_write_json(staging / COMPLETE_MARKER, {"format_version": CHECKPOINT_FORMAT_VERSION, "files": files})
         replace_directory(staging, directory)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -434,13 +446,14 @@ def load_training_state(
             f"load_training_state: {directory} has no {COMPLETE_MARKER} marker, so its save did not "
             "finish (interrupted run?); resume from an earlier checkpoint"
         )
-    version = json.loads(marker.read_text(encoding="utf-8")).get("format_version")
+    marker_record = json.loads(marker.read_text(encoding="utf-8"))
+    version = marker_record.get("format_version")
     if version != CHECKPOINT_FORMAT_VERSION:
         raise ValueError(
             f"load_training_state: {marker} has format_version {version!r}; this code reads "
             f"version {CHECKPOINT_FORMAT_VERSION}"
         )
-    missing = [name for name in _CHECKPOINT_FILES if not (directory / name).is_file()]
+    missing = [name for name in marker_record.get("files", _CHECKPOINT_FILES) if not (directory / name).is_file()]
     if missing:
         raise FileNotFoundError(f"load_training_state: {directory} lacks {missing}")
     optimizer_and_scheduler = torch.load(
@@ -452,4 +465,8 @@ def load_training_state(
         scheduler_state=optimizer_and_scheduler["scheduler"],
         progress=json.loads((directory / PROGRESS_FILE).read_text(encoding="utf-8")),
         rng=torch.load(directory / RNG_FILE, map_location="cpu", weights_only=True),
+        rank_states=(
+            torch.load(directory / RANKS_FILE, map_location=map_location, weights_only=True)
+            if RANKS_FILE in marker_record.get("files", ()) else None
+        ),
     )

@@ -40,8 +40,9 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from pipeline import checkpoint as ckpt
+from pipeline import distributed as dist
 from pipeline.adapters import inject
-from pipeline.adapters.state import load_adapter, save_adapter
+from pipeline.adapters.state import adapter_tensor_names, load_adapter, save_adapter
 from pipeline.alignment import align_gradients
 from pipeline.config import (
     ConfigError,
@@ -215,13 +216,26 @@ def epoch_batches(num_rows: int, batch_size: int, *, seed: int, epoch: int) -> l
     return [order[i : i + batch_size] for i in range(0, num_rows, batch_size)]
 
 
-def reference_batch(dataset: Any, collate: Any, batch_size: int, *, seed: int, draw: int) -> dict[str, torch.Tensor]:
-    """The ``draw``-th batch of an endlessly reshuffled reference loader (a pure function of draw)."""
-    n = len(dataset)
-    per_pass = math.ceil(n / batch_size)
+def reference_indices(num_rows: int, batch_size: int, *, seed: int, draw: int) -> list[int]:
+    """Rows of the ``draw``-th batch of an endlessly reshuffled reference loader (a pure function of draw)."""
+    per_pass = math.ceil(num_rows / batch_size)
     ref_pass, position = divmod(draw, per_pass)
-    batches = epoch_batches(n, batch_size, seed=seed + 7919, epoch=ref_pass)
-    return collate([dataset[i] for i in batches[position]])
+    return epoch_batches(num_rows, batch_size, seed=seed + 7919, epoch=ref_pass)[position]
+
+
+def reference_batch(dataset: Any, collate: Any, batch_size: int, *, seed: int, draw: int) -> dict[str, torch.Tensor]:
+    """The ``draw``-th reference batch, collated (the same one on every world size)."""
+    return collate([dataset[i] for i in reference_indices(len(dataset), batch_size, seed=seed, draw=draw)])
+
+
+def local_rows(rows: Sequence[int], runtime: dist.Runtime) -> tuple[list[int], float]:
+    """This rank's rows of a global batch and the weight of its contribution.
+
+    A rank left without rows (a final batch smaller than the world size) still runs the forward
+    pass on one row with weight 0, because ZeRO-3 gathers parameters collectively in forward.
+    """
+    mine = dist.shard_rows(rows, runtime.rank, runtime.world_size)
+    return (mine, 1.0) if mine else (list(rows[:1]), 0.0)
 
 
 def _to_device(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -285,34 +299,48 @@ def peak_memory_mb(device: torch.device) -> float:
 
 def optimiser_step(
     *,
-    model: nn.Module,
-    params: Mapping[str, nn.Parameter],
-    optimizer: torch.optim.Optimizer,
+    engine: dist.Engine,
     scheduler: Any,
     cfg: RunConfig,
     reference: Any,
     collate: Any,
-    device: torch.device,
     ref_draw: int,
     epoch: int,
     global_step: int,
+    loss_sum: float,
 ) -> dict[str, Any]:
-    """Alignment hook, checks, clipping and the update, after the task gradients are accumulated."""
+    """Alignment hook, checks and the update, after the task gradients are accumulated.
+
+    Args:
+        loss_sum: this rank's sum of training losses over its rows of the step (summed over ranks
+            here, in the same collective as the gradients).
+
+    Returns:
+        The step's log record (``loss_sum`` is the global sum).
+    """
+    runtime = engine.runtime
+    collectives_before = engine.collectives
     record: dict[str, Any] = {}
+    extra: dict[str, torch.Tensor] = {"loss_sum": torch.tensor([loss_sum], device=runtime.device)}
+    params = engine.params
     if uses_alignment(cfg.method):
-        task = {name: p.grad for name, p in params.items()}
-        ref_batch = _to_device(
-            reference_batch(reference, collate, cfg.train.batch_size, seed=cfg.seed, draw=ref_draw), device
-        )
-        ref_loss = batch_loss(model, ref_batch)
-        if not torch.isfinite(ref_loss):
-            raise NonFiniteError(f"step {global_step}: reference loss is {ref_loss.item()}")
-        ref_grads = torch.autograd.grad(ref_loss, list(params.values()), allow_unused=True)
-        reference_grads = dict(zip(params.keys(), ref_grads))
+        rows = reference_indices(len(reference), cfg.train.batch_size, seed=cfg.seed, draw=ref_draw)
+        mine, weight = local_rows(rows, runtime)
+        ref_batch = _to_device(collate([reference[i] for i in mine]), runtime.device)
+        # This rank's share of the global mean reference loss; the shares are summed across ranks.
+        share = batch_loss(engine.model, ref_batch) * (weight * len(mine) / len(rows))
+        ref_grads = torch.autograd.grad(share, list(params.values()), allow_unused=True)
+        for name, grad in zip(params, ref_grads):
+            extra[f"ref/{name}"] = grad if grad is not None else torch.zeros_like(params[name])
+        extra["ref_loss"] = share.detach().reshape(1)
+        task, reduced = engine.reduce_gradients(extra, include_task=True)
+        ref_loss = float(reduced["ref_loss"])
+        if not math.isfinite(ref_loss):
+            raise NonFiniteError(f"step {global_step}: reference loss is {ref_loss}")
         result = align_gradients(
             task,
-            reference_grads,
-            ref_loss=ref_loss.item(),
+            {name: reduced[f"ref/{name}"] for name in params},
+            ref_loss=ref_loss,
             min_ref_loss=cfg.align.min_ref_loss,
             min_ref_grad_norm=cfg.align.min_ref_grad_norm,
             max_raw_ratio=cfg.align.max_raw_ratio,
@@ -320,36 +348,54 @@ def optimiser_step(
             start_epoch=cfg.align.start_epoch,
             epochs=cfg.train.epochs,
         )
-        for name, p in params.items():
-            p.grad = result.grads[name]
+        total = math.sqrt(sum(float(g.double().pow(2).sum()) for g in result.grads.values()))
+        if not math.isfinite(total):
+            bad = [n for n, g in result.grads.items() if not torch.isfinite(g).all()]
+            raise NonFiniteError(f"step {global_step}: gradient norm is {total} (non-finite in {bad[:5]})")
+        engine.set_gradients(result.grads)
         record.update(
-            ref_loss=ref_loss.item(),
+            ref_loss=ref_loss,
             gate=result.gate,
             raw_weight=result.raw_weight,
             mean_cosine=result.mean_cosine,
             ref_grad_norm=result.mean_ref_norm,
         )
-    grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.train.max_grad_norm)
-    if not torch.isfinite(grad_norm):
-        bad = [n for n, p in params.items() if p.grad is not None and not torch.isfinite(p.grad).all()]
-        raise NonFiniteError(f"step {global_step}: gradient norm is {grad_norm.item()} (non-finite in {bad[:5]})")
-    optimizer.step()
+    else:
+        bad = engine.nonfinite_parameters()
+        extra["nonfinite"] = torch.tensor([float(bool(bad))], device=runtime.device)
+        _, reduced = engine.reduce_gradients(extra, include_task=False)
+        if float(reduced["nonfinite"]) > 0:
+            raise NonFiniteError(f"step {global_step}: gradient norm is nan/inf (non-finite in {bad[:5] or ['<another rank>']})")
+    grad_norm = engine.step()
     scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    record.update(grad_norm=grad_norm.item(), lr=scheduler.get_last_lr()[0])
+    record.update(
+        grad_norm=grad_norm, lr=scheduler.get_last_lr()[0], loss_sum=float(reduced["loss_sum"]),
+        collectives=engine.collectives - collectives_before,
+    )
     return record
 
 
-def evaluate_split(model: nn.Module, loader: DataLoader, device: torch.device, desc: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Predictions and labels on one split (progress bar only on a terminal)."""
-    return ev.predict(model, loader, device=device, desc=desc, progress=sys.stderr.isatty())
+def evaluate_split(model: nn.Module, loader: DataLoader, runtime: dist.Runtime, desc: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Predictions and labels on one split (progress bar only on rank 0's terminal).
+
+    Every rank evaluates the whole split (ZeRO-3 gathers parameters collectively in forward, so
+    all ranks must run the same forward passes).
+    """
+    return ev.predict(model, loader, device=runtime.device, desc=desc, progress=runtime.is_main and sys.stderr.isatty())
 
 
-def run_training(cfg: RunConfig) -> dict[str, Any]:
+def run_training(cfg: RunConfig, *, deepspeed_config: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     """Train ``cfg.method`` on the poisoned training set and evaluate CACC / ASR.
 
-    Everything that can be validated (config, data files, model directory) is validated before
-    ``output_dir`` is created, so bad input leaves nothing behind.
+    Runs as one process, or as one rank of a ``torchrun`` / ``deepspeed`` / ``accelerate launch``
+    job (see :mod:`pipeline.distributed`); every rank computes, only rank 0 writes files and logs.
+    Everything that can be validated (config, DeepSpeed config, data files, model directory) is
+    validated before ``output_dir`` is created, so bad input leaves nothing behind.
+
+    Args:
+        cfg: the run configuration.
+        deepspeed_config: a DeepSpeed JSON config (``ds_configs/*.json``): train through a DeepSpeed
+            engine. Without it, ``WORLD_SIZE > 1`` selects torch DDP.
 
     Returns:
         The metrics also written to ``output_dir/metrics.json``.
@@ -357,12 +403,44 @@ def run_training(cfg: RunConfig) -> dict[str, Any]:
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     device = select_device(cfg.train.device)
-    output_dir = Path(cfg.output_dir)
+    ds_raw = dist.load_deepspeed_config(deepspeed_config) if deepspeed_config is not None else None
+    runtime = dist.init_runtime(use_deepspeed=ds_raw is not None, device=device)
+    try:
+        return _run(cfg, runtime, ds_raw, str(deepspeed_config))
+    finally:
+        dist.shutdown(runtime)
 
+
+def _decide_output_dir(runtime: dist.Runtime, output_dir: Path, cfg: RunConfig) -> bool:
+    """Rank 0 decides resume / refuse; every rank gets the same answer (or the same error)."""
+    decision: tuple[str, Any]
+    if runtime.is_main:
+        try:
+            decision = ("ok", prepare_output_dir(output_dir, resume=cfg.resume, overwrite=cfg.overwrite))
+        except OutputDirError as error:
+            decision = ("error", str(error))
+    else:
+        decision = ("", None)
+    decision = dist.broadcast_object(runtime, decision)
+    if decision[0] == "error":
+        raise OutputDirError(decision[1])
+    return bool(decision[1])
+
+
+def _run(cfg: RunConfig, runtime: dist.Runtime, ds_raw: Mapping[str, Any] | None, ds_source: str) -> dict[str, Any]:
+    output_dir = Path(cfg.output_dir)
     model_path = modeling.resolve_model_path(cfg.model.name_or_path)
     info = modeling.read_model_info(model_path, trust_remote_code=cfg.model.trust_remote_code)
     cfg = resolve_defaults(cfg, model_type=info.model_type, hidden_size=info.hidden_size, is_decoder=info.is_decoder)
-    resuming = prepare_output_dir(output_dir, resume=cfg.resume, overwrite=cfg.overwrite)
+    ds_config = None
+    if ds_raw is not None:
+        ds_config = dist.fill_deepspeed_config(
+            ds_raw, source=ds_source, micro_batch_size=math.ceil(cfg.train.batch_size / runtime.world_size),
+            grad_accum_steps=cfg.train.grad_accum_steps, world_size=runtime.world_size,
+            max_grad_norm=cfg.train.max_grad_norm, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
+            dtype=cfg.model.dtype,
+        )
+    resuming = _decide_output_dir(runtime, output_dir, cfg)
 
     paths = data_lib.split_paths(
         cfg.data.root, cfg.data.dataset, cfg.data.attack,
@@ -381,20 +459,26 @@ def run_training(cfg: RunConfig) -> dict[str, Any]:
     )
     torch.manual_seed(cfg.seed)
     tokenizer, model, trainable_names = build_model(cfg, info, model_path)
-    model.to(device)
+    model.to(runtime.device)
     loaders = build_loaders(cfg, tokenizer, training, evaluation)
 
-    # Everything validated: from here on files are written.
-    if cfg.overwrite and not resuming and output_dir.exists():
-        logger.warning("overwrite=true: removing the existing %s", output_dir)
-        shutil.rmtree(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    handler = _setup_file_logging(output_dir)
+    # Everything validated: from here on rank 0 writes files.
+    handler = None
+    if runtime.is_main:
+        if cfg.overwrite and not resuming and output_dir.exists():
+            logger.warning("overwrite=true: removing the existing %s", output_dir)
+            shutil.rmtree(output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        handler = _setup_file_logging(output_dir)
+    dist.barrier(runtime)
     try:
-        return _train_and_evaluate(cfg, info, model, trainable_names, loaders, output_dir, device, resuming, overlap, paths)
+        return _train_and_evaluate(
+            cfg, info, model, trainable_names, loaders, output_dir, runtime, resuming, overlap, paths, ds_config
+        )
     finally:
-        logging.getLogger().removeHandler(handler)
-        handler.close()
+        if handler is not None:
+            logging.getLogger().removeHandler(handler)
+            handler.close()
 
 
 def _check_resumable_config(output_dir: Path, resolved: dict[str, Any]) -> None:
@@ -426,15 +510,18 @@ def _train_and_evaluate(
     trainable_names: Sequence[str],
     loaders: Loaders,
     output_dir: Path,
-    device: torch.device,
+    runtime: dist.Runtime,
     resuming: bool,
     overlap: Any,
     paths: data_lib.SplitPaths,
+    ds_config: Mapping[str, Any] | None,
 ) -> dict[str, Any]:
+    main = runtime.is_main
     resolved = config_to_dict(cfg)
     if resuming:
         _check_resumable_config(output_dir, resolved)
-    ckpt.atomic_write_text(output_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
+    if main:
+        ckpt.atomic_write_text(output_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
 
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     if sorted(params) != sorted(trainable_names):
@@ -442,44 +529,65 @@ def _train_and_evaluate(
     n_trainable = sum(p.numel() for p in params.values())
     n_total = sum(p.numel() for p in model.parameters())
     logger.info(
-        "method=%s model=%s (%s) trainable %d / %d parameters (%.3f%%)",
+        "method=%s model=%s (%s) trainable %d / %d parameters (%.3f%%); %s x %d rank(s)%s",
         cfg.method, cfg.model.name_or_path, info.model_type, n_trainable, n_total, 100 * n_trainable / n_total,
-    )
-
-    optimizer = torch.optim.AdamW(params.values(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    steps_per_epoch = math.ceil(math.ceil(len(loaders.train) / cfg.train.batch_size) / cfg.train.grad_accum_steps)
-    total_steps = steps_per_epoch * cfg.train.epochs
-    if cfg.train.max_steps > 0:
-        total_steps = min(total_steps, cfg.train.max_steps)
-    scheduler = get_linear_schedule_with_warmup(
-        optimizer, num_warmup_steps=int(cfg.train.warmup_ratio * total_steps), num_training_steps=total_steps
+        runtime.backend, runtime.world_size, f", ZeRO stage {dist.zero_stage(ds_config)}" if ds_config else "",
     )
 
     log_path = output_dir / _LOG_FILE
     checkpoint_dir = output_dir / _CHECKPOINT_DIR
     progress: dict[str, Any] = {
-        "epoch": 0, "step_in_epoch": 0, "global_step": 0, "ref_draws": 0,
+        "epoch": 0, "step_in_epoch": 0, "global_step": 0, "ref_draws": 0, "world_size": runtime.world_size,
         "best_epoch": -1, "best_dev_clean_acc": -1.0, "history": [], "train_seconds": 0.0, "samples_seen": 0,
     }
+    state = None
     if resuming:
         state = ckpt.load_training_state(checkpoint_dir / _LAST)
+        saved_world = len(state.rank_states) if state.rank_states is not None else 1
+        if saved_world != runtime.world_size:
+            raise ConfigError([
+                f"resume=true: {checkpoint_dir / _LAST} was written by {saved_world} rank(s), this run has "
+                f"{runtime.world_size}; resume with the same number of ranks"
+            ])
+        # Parameters go in before the engine is built, so ZeRO's fp32 master copies start from them.
         load_trainable_state(params, state.trainable)
-        optimizer.load_state_dict(state.optimizer_state)
+
+    engine = dist.Engine(
+        runtime, model, params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
+        max_grad_norm=cfg.train.max_grad_norm, deepspeed_config=ds_config,
+    )
+    steps_per_epoch = math.ceil(math.ceil(len(loaders.train) / cfg.train.batch_size) / cfg.train.grad_accum_steps)
+    total_steps = steps_per_epoch * cfg.train.epochs
+    if cfg.train.max_steps > 0:
+        total_steps = min(total_steps, cfg.train.max_steps)
+    scheduler = get_linear_schedule_with_warmup(
+        engine.optimizer, num_warmup_steps=int(cfg.train.warmup_ratio * total_steps), num_training_steps=total_steps
+    )
+    if state is not None:
+        mine = state.rank_states[runtime.rank] if state.rank_states is not None else {"optimizer": state.optimizer_state, "rng": state.rng}
+        engine.load_optimizer_state(mine["optimizer"])
         scheduler.load_state_dict(state.scheduler_state)
-        ckpt.restore_rng_state(state.rng)
+        ckpt.restore_rng_state(mine["rng"])
         progress.update(state.progress)
-        _truncate_log(log_path, progress["global_step"])
+        if main:
+            _truncate_log(log_path, progress["global_step"])
         logger.info("resumed from %s at epoch %d step %d", checkpoint_dir / _LAST, progress["epoch"], progress["global_step"])
 
     def save_checkpoint() -> None:
-        ckpt.save_training_state(
-            checkpoint_dir / _LAST,
-            trainable=trainable_state(params),
-            optimizer_state=optimizer.state_dict(),
-            scheduler_state=scheduler.state_dict(),
-            progress=progress,
-            rng=ckpt.capture_rng_state(),
-        )
+        trainable = engine.full_parameters()
+        rank_state = {"optimizer": engine.optimizer_state(), "rng": ckpt.capture_rng_state()}
+        rank_states = dist.gather_objects(runtime, rank_state)
+        if main:
+            ckpt.save_training_state(
+                checkpoint_dir / _LAST,
+                trainable=trainable,
+                optimizer_state=rank_state["optimizer"],
+                scheduler_state=scheduler.state_dict(),
+                progress=progress,
+                rng=rank_state["rng"],
+                rank_states=rank_states if runtime.distributed else None,
+            )
+        dist.barrier(runtime)
 
     started = time.perf_counter() - progress["train_seconds"]
     done = progress["global_step"] >= total_steps
@@ -488,7 +596,8 @@ def _train_and_evaluate(
         gates: Counter[str] = Counter()
         batches = epoch_batches(len(loaders.train), cfg.train.batch_size, seed=cfg.seed, epoch=epoch)
         micro = progress["step_in_epoch"] * cfg.train.grad_accum_steps
-        bar = tqdm(total=steps_per_epoch, initial=progress["step_in_epoch"], desc=f"epoch {epoch}", disable=None, dynamic_ncols=True)
+        bar = tqdm(total=steps_per_epoch, initial=progress["step_in_epoch"], desc=f"epoch {epoch}",
+                   disable=None if main else True, dynamic_ncols=True)
         model.train()
         losses: list[float] = []
         while micro < len(batches):
@@ -496,32 +605,35 @@ def _train_and_evaluate(
             micro += len(group)
             rows = sum(len(b) for b in group)
             loss_sum = 0.0
-            for indices in group:
-                batch = _to_device(loaders.collate([loaders.train[i] for i in indices]), device)
-                loss = batch_loss(model, batch)
+            for position, indices in enumerate(group):
+                mine, weight = local_rows(indices, runtime)
+                batch = _to_device(loaders.collate([loaders.train[i] for i in mine]), runtime.device)
+                loss = batch_loss(engine.forward_module, batch)
                 if not torch.isfinite(loss):
                     raise NonFiniteError(
                         f"step {progress['global_step']} (epoch {epoch}): training loss is {loss.item()}; "
                         f"the last good checkpoint is {checkpoint_dir / _LAST}"
                     )
-                (loss * (len(indices) / rows)).backward()
-                loss_sum += loss.item() * len(indices)
+                # This rank's share of the global mean over the step's rows (ranks are averaged).
+                engine.backward(loss * (weight * len(mine) / rows * engine.loss_scale), boundary=position == len(group) - 1)
+                loss_sum += loss.item() * len(mine) * weight
             record = optimiser_step(
-                model=model, params=params, optimizer=optimizer, scheduler=scheduler, cfg=cfg,
-                reference=loaders.reference, collate=loaders.collate, device=device,
-                ref_draw=progress["ref_draws"], epoch=epoch, global_step=progress["global_step"],
+                engine=engine, scheduler=scheduler, cfg=cfg, reference=loaders.reference, collate=loaders.collate,
+                ref_draw=progress["ref_draws"], epoch=epoch, global_step=progress["global_step"], loss_sum=loss_sum,
             )
             progress["ref_draws"] += 1 if uses_alignment(cfg.method) else 0
             progress["global_step"] += 1
             progress["step_in_epoch"] += 1
             progress["samples_seen"] += rows
-            train_loss = loss_sum / rows
+            progress["step_collectives"] = progress.get("step_collectives", 0) + record["collectives"]
+            train_loss = record.pop("loss_sum") / rows
             losses.append(train_loss)
             if "gate" in record:
                 gates[record["gate"]] += 1
             bar.update(1)
             bar.set_postfix(loss=f"{train_loss:.4f}", **({"ref": f"{record['ref_loss']:.3f}", "gate": record["gate"]} if "gate" in record else {}))
-            _append_log(log_path, {"type": "step", "epoch": epoch, "global_step": progress["global_step"], "loss": train_loss, **record})
+            if main:
+                _append_log(log_path, {"type": "step", "epoch": epoch, "global_step": progress["global_step"], "loss": train_loss, **record})
             if progress["global_step"] % cfg.train.log_every_steps == 0:
                 logger.info("epoch %d step %d loss %.4f %s", epoch, progress["global_step"], train_loss,
                             " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
@@ -534,8 +646,8 @@ def _train_and_evaluate(
                 save_checkpoint()
         bar.close()
 
-        dev_preds, dev_labels = evaluate_split(model, loaders.selection, device, "dev-clean")
-        poison_preds, _ = evaluate_split(model, loaders.dev_poison, device, "dev-poison")
+        dev_preds, dev_labels = evaluate_split(model, loaders.selection, runtime, "dev-clean")
+        poison_preds, _ = evaluate_split(model, loaders.dev_poison, runtime, "dev-poison")
         dev_acc = ev.accuracy(dev_preds, dev_labels)
         dev_asr = ev.attack_success_rate(poison_preds, cfg.data.target_label)
         epoch_record = {
@@ -543,41 +655,50 @@ def _train_and_evaluate(
             "train_loss": sum(losses) / max(len(losses), 1), "dev_clean_acc": dev_acc,
             "dev_poison_asr_monitor_only": dev_asr, "gates": dict(gates),
         }
-        _append_log(log_path, epoch_record)
+        if main:
+            _append_log(log_path, epoch_record)
         progress["history"].append(epoch_record)
         logger.info("epoch %d: dev-clean acc %.2f%%, dev-poison ASR %.2f%% (monitoring only), gates %s",
                     epoch, 100 * dev_acc, 100 * dev_asr, dict(gates))
         if dev_acc > progress["best_dev_clean_acc"]:
             progress["best_dev_clean_acc"] = dev_acc
             progress["best_epoch"] = epoch
-            checkpoint_dir.mkdir(parents=True, exist_ok=True)
-            ckpt.save_tensors(checkpoint_dir / _BEST_FILE, trainable_state(params))
+            best = engine.full_parameters()
+            if main:
+                checkpoint_dir.mkdir(parents=True, exist_ok=True)
+                ckpt.save_tensors(checkpoint_dir / _BEST_FILE, best)
         progress["epoch"] = epoch + 1
         progress["step_in_epoch"] = 0
         progress["train_seconds"] = time.perf_counter() - started
         save_checkpoint()
 
     train_seconds = time.perf_counter() - started
-    load_trainable_state(params, ckpt.load_tensors(checkpoint_dir / _BEST_FILE))
-    return _final_evaluation(cfg, info, model, loaders, output_dir, device, progress, train_seconds, n_trainable, overlap, paths)
+    dist.barrier(runtime)
+    engine.load_parameters(ckpt.load_tensors(checkpoint_dir / _BEST_FILE))
+    return _final_evaluation(
+        cfg, info, engine, loaders, output_dir, progress, train_seconds, n_trainable, overlap, paths, ds_config
+    )
 
 
 def _final_evaluation(
     cfg: RunConfig,
     info: modeling.ModelInfo,
-    model: nn.Module,
+    engine: dist.Engine,
     loaders: Loaders,
     output_dir: Path,
-    device: torch.device,
     progress: Mapping[str, Any],
     train_seconds: float,
     n_trainable: int,
     overlap: Any,
     paths: data_lib.SplitPaths,
+    ds_config: Mapping[str, Any] | None,
 ) -> dict[str, Any]:
+    runtime = engine.runtime
+    device = runtime.device
+    model = engine.model
     target = cfg.data.target_label
-    clean_preds, clean_labels = evaluate_split(model, loaders.test_clean, device, "test-clean")
-    poison_preds, _ = evaluate_split(model, loaders.test_poison, device, "test-poison")
+    clean_preds, clean_labels = evaluate_split(model, loaders.test_clean, runtime, "test-clean")
+    poison_preds, _ = evaluate_split(model, loaders.test_poison, runtime, "test-poison")
     cacc = ev.accuracy(clean_preds, clean_labels)
     asr = ev.attack_success_rate(poison_preds, target)
     fpr = ev.clean_false_positive_rate(clean_preds, clean_labels, target)
@@ -603,14 +724,22 @@ def _final_evaluation(
         "peak_memory_mb": peak_memory_mb(device),
         "peak_memory_kind": "cuda_max_allocated" if device.type == "cuda" else "process_max_rss",
         "trainable_parameters": n_trainable,
+        "backend": runtime.backend,
+        "world_size": runtime.world_size,
+        "zero_stage": dist.zero_stage(ds_config) if ds_config is not None else None,
+        "collectives_per_step": progress.get("step_collectives", 0) / max(progress["global_step"], 1),
         "num_test_clean": len(clean_labels),
         "num_test_poison": len(poison_preds),
         "data_files": {k: str(v) for k, v in dataclasses.asdict(paths).items()},
         "trusted_test_overlap": [dataclasses.asdict(o) if dataclasses.is_dataclass(o) else o for o in (overlap or [])],
         "config": config_to_dict(cfg),
     }
-    save_adapter(model, output_dir / "adapter", meta={"method": cfg.method, "config": config_to_dict(cfg)})
-    ckpt.atomic_write_json(output_dir / "metrics.json", metrics)
+    with engine.gathered(adapter_tensor_names(model)):
+        if runtime.is_main:
+            save_adapter(model, output_dir / "adapter", meta={"method": cfg.method, "config": config_to_dict(cfg)})
+    if runtime.is_main:
+        ckpt.atomic_write_json(output_dir / "metrics.json", metrics)
+    dist.barrier(runtime)
     logger.info(
         "CACC %.2f%%  ASR %.2f%%  (clean FPR %.2f%%, trigger adds %.2f points)  best epoch %d  -> %s",
         metrics["cacc"], metrics["asr"], metrics["clean_fpr"], metrics["asr_minus_clean_fpr"],

@@ -125,6 +125,19 @@ def _export_peft(model: nn.Module, directory: Path) -> None:
             shutil.rmtree(staging)
 
 
+def adapter_tensor_names(model: nn.Module, head_names: Sequence[str] | None = None) -> list[str]:
+    """Names of the tensors :func:`save_adapter` writes: trainable parameters and the head's.
+
+    Args:
+        model: the model as built for training.
+        head_names: classification-head module names; default detected from the model.
+    """
+    trainable = trainable_parameters(model)
+    heads = list(head_names) if head_names is not None else _detect_head_names(model)
+    head_parameters = set(_head_parameter_names(model, heads, "save_adapter"))
+    return [name for name, _ in model.named_parameters() if name in trainable or name in head_parameters]
+
+
 def save_adapter(
     model: nn.Module,
     directory: str | Path,
@@ -152,9 +165,15 @@ def save_adapter(
             f"model has no trainable parameters to save into {str(directory)!r}; call set_trainable first"
         )
     heads = list(head_names) if head_names is not None else _detect_head_names(model)
-    head_parameters = set(_head_parameter_names(model, heads, "save_adapter"))
-    selected = [name for name, _ in model.named_parameters() if name in trainable or name in head_parameters]
+    selected = adapter_tensor_names(model, heads)
     all_parameters = dict(model.named_parameters())
+    empty = [name for name in selected if all_parameters[name].numel() == 0]
+    if empty:
+        raise ValueError(
+            f"refusing to save {len(empty)} empty tensors into {str(directory)!r} (e.g. {empty[:3]}): they are "
+            "partitioned across ranks (DeepSpeed ZeRO-3) and hold no data on this rank; save inside "
+            "pipeline.distributed.Engine.gathered(...) so the full tensors are present"
+        )
     tensors = {name: all_parameters[name].detach().to("cpu").contiguous() for name in selected}
     config = {
         "format": FORMAT,
