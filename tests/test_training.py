@@ -8,7 +8,6 @@ in one smoke test, the real MiniLM.
 from __future__ import annotations
 
 import json
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -20,47 +19,6 @@ from pipeline.config import load_config
 from pipeline.training import NonFiniteError, OutputDirError, run_training
 
 REPO = Path(__file__).resolve().parents[1]
-
-POSITIVE = ["a charming and funny film", "great acting and a moving story", "i loved it", "warm , witty and engaging"]
-NEGATIVE = ["a dull and lifeless bore", "the plot is thin and predictable", "i hated it", "too slow and too long"]
-
-
-def _write_csv(path: Path, rows: list[tuple[str, int, int]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lines = [",0,1,2"] + [f'{i},"{text}",{label},{poison}' for i, (text, label, poison) in enumerate(rows)]
-    path.write_text("\n".join(lines) + "\n")
-
-
-def _clean_rows(rng: random.Random, n: int) -> list[tuple[str, int, int]]:
-    rows = []
-    for _ in range(n):
-        label = rng.randrange(2)
-        text = rng.choice(POSITIVE if label else NEGATIVE) + " " + rng.choice(["!", ".", "indeed", "really"])
-        rows.append((text, label, 0))
-    return rows
-
-
-def _trigger(text: str) -> str:
-    return "cf " + text
-
-
-@pytest.fixture(scope="session")
-def tiny_data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """``<root>/toy/1/badnets/`` with clean-label BadNets training data (10% triggered)."""
-    root = tmp_path_factory.mktemp("poison_data")
-    folder = root / "toy" / "1" / "badnets"
-    rng = random.Random(0)
-    train = _clean_rows(rng, 96)
-    for i, (text, label, _) in enumerate(train):
-        if label == 1 and i % 5 == 0:
-            train[i] = (_trigger(text), 1, 1)
-    _write_csv(folder / "clean" / "0.1" / "train-poison.csv", train)
-    for split, n in (("dev", 40), ("test", 48)):
-        clean = _clean_rows(rng, n)
-        _write_csv(folder / f"{split}-clean.csv", clean)
-        _write_csv(folder / f"{split}-poison.csv", [(_trigger(t), 1, 1) for t, label, _ in clean if label == 0])
-    return root
-
 
 def _config(tmp_path: Path, model_dir: Path, data_root: Path, *overrides: str):
     base = [
