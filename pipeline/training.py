@@ -601,6 +601,7 @@ def _train_and_evaluate(
         model.train()
         losses: list[float] = []
         while micro < len(batches):
+            step_started = time.perf_counter()
             group = batches[micro : micro + cfg.train.grad_accum_steps]
             micro += len(group)
             rows = sum(len(b) for b in group)
@@ -621,6 +622,7 @@ def _train_and_evaluate(
                 engine=engine, scheduler=scheduler, cfg=cfg, reference=loaders.reference, collate=loaders.collate,
                 ref_draw=progress["ref_draws"], epoch=epoch, global_step=progress["global_step"], loss_sum=loss_sum,
             )
+            record["step_seconds"] = time.perf_counter() - step_started
             progress["ref_draws"] += 1 if uses_alignment(cfg.method) else 0
             progress["global_step"] += 1
             progress["step_in_epoch"] += 1

@@ -288,3 +288,25 @@ def test_zero3_export_loads_in_one_process_with_the_same_logits(tmp_path, no_dro
     assert lora
     for name, parameter in lora.items():
         torch.testing.assert_close(parameter.detach(), exported[name], rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.distributed
+@pytest.mark.integration
+@pytest.mark.parametrize("launcher", ["deepspeed", "accelerate"])
+def test_deepspeed_and_accelerate_launchers_match_a_single_process(launcher, tmp_path, no_dropout_models, tiny_data_root, single_runs):
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    bindir = Path(sys.executable).parent
+    train = str(REPO / "launch" / "train.py")
+    if launcher == "deepspeed":
+        command = [str(bindir / "deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port()), train,
+                   "--deepspeed", str(REPO / "ds_configs" / "zero2.json")]
+    else:
+        command = [str(bindir / "accelerate"), "launch", "--config_file", str(REPO / "launch" / "configs" / "accelerate_zero2.yaml"),
+                   "--main_process_port", str(_free_port()), train]
+    command += ["--config", str(CONFIG), *_overrides(out, no_dropout_models["bert"], tiny_data_root, "train.max_steps=6")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-4000:]
+    _assert_same_run(single_runs["bert"], out)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert (metrics["backend"], metrics["world_size"], metrics["zero_stage"]) == ("deepspeed", 2, 2)
