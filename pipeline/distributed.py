@@ -39,6 +39,7 @@ import logging
 import math
 import os
 import socket
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -330,6 +331,7 @@ class Engine:
         self.names = list(params)
         self.max_grad_norm = max_grad_norm
         self.collectives = 0
+        self.collective_seconds = 0.0
         self.zero_stage = 0
         self._ds = None
         trainable = list(params.values())
@@ -397,7 +399,9 @@ class Engine:
 
     def _all_reduce(self, tensor: Tensor, op: Any = None) -> None:
         self.collectives += 1
+        started = time.perf_counter()
         torch.distributed.all_reduce(tensor, op=op or torch.distributed.ReduceOp.SUM)
+        self.collective_seconds += time.perf_counter() - started
 
     def reduce_gradients(
         self, extra: Mapping[str, Tensor], *, include_task: bool

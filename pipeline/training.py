@@ -19,6 +19,7 @@ test-clean / test-poison.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -269,6 +270,14 @@ def load_trainable_state(params: Mapping[str, nn.Parameter], state: Mapping[str,
             p.copy_(state[name].to(p.device, p.dtype))
 
 
+def dataset_fingerprint(dataset: Any) -> str:
+    """SHA-256 of a tokenised split's input ids and labels, in order (the identity of a data split)."""
+    digest = hashlib.sha256()
+    for row in dataset:
+        digest.update(json.dumps([list(map(int, row["input_ids"])), int(row["labels"])]).encode())
+    return digest.hexdigest()
+
+
 def _append_log(path: Path, record: Mapping[str, Any]) -> None:
     with path.open("a") as handle:
         handle.write(json.dumps(record) + "\n")
@@ -319,7 +328,7 @@ def optimiser_step(
         The step's log record (``loss_sum`` is the global sum).
     """
     runtime = engine.runtime
-    collectives_before = engine.collectives
+    collectives_before, collective_seconds_before = engine.collectives, engine.collective_seconds
     record: dict[str, Any] = {}
     extra: dict[str, torch.Tensor] = {"loss_sum": torch.tensor([loss_sum], device=runtime.device)}
     params = engine.params
@@ -371,6 +380,7 @@ def optimiser_step(
     record.update(
         grad_norm=grad_norm, lr=scheduler.get_last_lr()[0], loss_sum=float(reduced["loss_sum"]),
         collectives=engine.collectives - collectives_before,
+        collective_seconds=engine.collective_seconds - collective_seconds_before,
     )
     return record
 
@@ -540,9 +550,17 @@ def _train_and_evaluate(
         "epoch": 0, "step_in_epoch": 0, "global_step": 0, "ref_draws": 0, "world_size": runtime.world_size,
         "best_epoch": -1, "best_dev_clean_acc": -1.0, "history": [], "train_seconds": 0.0, "samples_seen": 0,
     }
+    progress["data_fingerprints"] = {"train": dataset_fingerprint(loaders.train), "reference": dataset_fingerprint(loaders.reference)}
     state = None
     if resuming:
         state = ckpt.load_training_state(checkpoint_dir / _LAST)
+        saved = state.progress.get("data_fingerprints", {})
+        changed = [k for k, v in progress["data_fingerprints"].items() if saved.get(k) not in (None, v)]
+        if changed:
+            raise ConfigError([
+                f"resume=true: the {' and '.join(changed)} rows differ from those {checkpoint_dir / _LAST} was trained on "
+                "(data files or tokenizer changed); restore them or start a new run (overwrite=true or another output_dir)"
+            ])
         saved_world = len(state.rank_states) if state.rank_states is not None else 1
         if saved_world != runtime.world_size:
             raise ConfigError([

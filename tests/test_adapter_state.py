@@ -210,3 +210,18 @@ def test_structure_and_frozen_head_are_checked(tiny_llama_dir, trained):
     _rewrite(directory, partial, _listing(partial))
     with pytest.raises(ValueError, match=rf"missing keys \(model parameters absent from the file\): {frozen}"):
         load_adapter(fresh, directory)
+
+
+def test_save_refuses_empty_partitioned_tensors(tmp_path, tiny_bert_dir):
+    from pipeline.adapters.inject import apply_lora, set_trainable
+    from pipeline.adapters.state import save_adapter
+    from pipeline.modeling import head_module_names, load_classifier
+
+    model = load_classifier(tiny_bert_dir, num_labels=2, dtype=torch.float32, is_decoder=False)
+    model = apply_lora(model, target_modules=["query", "value"], r=2, alpha=4, dropout=0.0)
+    set_trainable(model, full=False, train_head=True, head_names=head_module_names("bert", False))
+    name, parameter = next((n, p) for n, p in model.named_parameters() if "lora_A" in n)
+    parameter.data = torch.empty(0)  # what a ZeRO-3 rank holds for a partitioned parameter
+    with pytest.raises(ValueError, match=r"empty tensors.*ZeRO-3.*gathered"):
+        save_adapter(model, tmp_path / "adapter", meta={})
+    assert not (tmp_path / "adapter").exists()

@@ -284,3 +284,33 @@ def test_launcher_smoke_on_tiny_llama(tmp_path, tiny_data_root, tiny_llama_dir):
     cfg = metrics["config"]
     assert (cfg["lora"]["r"], cfg["lora"]["alpha"], cfg["mslr"]["scales"]) == (2, 8.0, [1.0, 2.0, 3.0, 4.0])
     assert cfg["align"]["min_ref_loss"] == 0.0 and cfg["align"]["start_epoch"] == 0
+
+
+@pytest.mark.integration
+def test_resume_refuses_changed_training_rows(tmp_path, tiny_data_root, tiny_bert_dir):
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(tiny_data_root, root)
+    args = ("method=lora", "train.epochs=2", "train.max_steps=14")
+    with pytest.raises(KeyboardInterrupt):
+        import pipeline.training as training
+
+        original = training.optimiser_step
+
+        def stop_after_epoch(**kwargs):
+            if kwargs["global_step"] == 13:
+                raise KeyboardInterrupt
+            return original(**kwargs)
+
+        training.optimiser_step = stop_after_epoch
+        try:
+            run_training(_config(tmp_path, tiny_bert_dir, root, *args))
+        finally:
+            training.optimiser_step = original
+    train_file = root / "toy" / "1" / "badnets" / "clean" / "0.1" / "train-poison.csv"
+    lines = train_file.read_text().splitlines()
+    lines[5] = lines[5].replace("film", "movie").replace("bore", "drag").replace("it", "this")
+    train_file.write_text("\n".join(lines) + "\n")
+    with pytest.raises(Exception, match="train rows differ"):
+        run_training(_config(tmp_path, tiny_bert_dir, root, *args, "resume=true"))
