@@ -69,3 +69,90 @@ def results_table(metrics: Sequence[Mapping[str, Any]], *, methods: Sequence[str
             row.append(f"{statistics.mean(means[k]):.1f}" if complete else "-")
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
+
+
+def matrix_plots(rows: Sequence[Mapping[str, Any]], methods: Sequence[str], attacks: Sequence[str], out_dir: str | Path) -> list[Path]:
+    """PNG plots of a robustness matrix (matplotlib, Agg backend; small files at dpi 90).
+
+    - ``asr_cacc_bars.png``: grouped bars of ASR and CACC per attack, one bar per method (mean over
+      seeds, error bar = standard deviation), the clean FPR as a tick on the ASR bars;
+    - ``epoch_curves.png``: per-epoch dev-clean accuracy and monitored dev-poison ASR per method
+      (mean over seeds), one column per attack.
+
+    Args:
+        rows: results rows with ``method``, ``attack``, ``cacc``, ``asr``, ``clean_fpr`` and ``_metrics``
+            (the run's metrics.json, for the per-epoch history).
+        methods: bar / line order.
+        attacks: column order.
+        out_dir: where the PNGs go (created).
+
+    Returns:
+        The written files.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    groups: dict[tuple[str, str], list[Mapping[str, Any]]] = defaultdict(list)
+    for row in rows:
+        groups[(row["method"], row["attack"])].append(row)
+    present = [m for m in methods if any((m, a) in groups for a in attacks)]
+    colors = plt.get_cmap("tab10")
+    written = []
+
+    fig, axes = plt.subplots(2, 1, figsize=(max(6.0, 1.6 * len(attacks) + 2), 6.5), sharex=True)
+    width = 0.8 / max(len(present), 1)
+    for panel, key in zip(axes, ("asr", "cacc")):
+        for i, method in enumerate(present):
+            xs, means, stds, fprs = [], [], [], []
+            for j, attack in enumerate(attacks):
+                group = groups.get((method, attack))
+                if not group:
+                    continue
+                values = [float(r[key]) for r in group]
+                xs.append(j - 0.4 + width * (i + 0.5))
+                means.append(statistics.mean(values))
+                stds.append(statistics.stdev(values) if len(values) > 1 else 0.0)
+                fprs.append(statistics.mean(float(r["clean_fpr"]) for r in group))
+            panel.bar(xs, means, width, yerr=stds, label=method, color=colors(i % 10), capsize=2)
+            if key == "asr":
+                panel.scatter(xs, fprs, marker="_", color="black", s=60, zorder=3, label="clean FPR" if i == 0 else None)
+        panel.set_ylabel(f"{key.upper()} (%)")
+        panel.set_ylim(0, 100)
+        panel.grid(axis="y", alpha=0.3)
+    axes[1].set_xticks(range(len(attacks)), attacks)
+    axes[0].legend(ncol=min(len(present) + 1, 5), fontsize=7, loc="upper center", bbox_to_anchor=(0.5, 1.28))
+    fig.tight_layout()
+    path = out / "asr_cacc_bars.png"
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    written.append(path)
+
+    fig, axes = plt.subplots(2, len(attacks), figsize=(3.2 * len(attacks), 5.5), squeeze=False, sharey="row")
+    for j, attack in enumerate(attacks):
+        for i, method in enumerate(present):
+            group = groups.get((method, attack))
+            if not group:
+                continue
+            histories = [r["_metrics"].get("history", []) for r in group]
+            epochs = min(len(h) for h in histories)
+            if epochs == 0:
+                continue
+            for row_index, key in enumerate(("dev_clean_acc", "dev_poison_asr_monitor_only")):
+                curve = [100 * statistics.mean(h[e][key] for h in histories) for e in range(epochs)]
+                axes[row_index][j].plot(range(epochs), curve, marker="o", ms=3, color=colors(i % 10), label=method)
+        axes[0][j].set_title(attack)
+        axes[1][j].set_xlabel("epoch")
+    axes[0][0].set_ylabel("dev-clean acc (%)")
+    axes[1][0].set_ylabel("dev-poison ASR (%), monitor")
+    if axes[0][-1].get_lines():
+        axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "epoch_curves.png"
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    written.append(path)
+    return written

@@ -1,0 +1,54 @@
+"""Run a robustness matrix (methods x attacks x seeds x datasets x models) and write REPORT.md.
+
+    python launch/matrix.py --config launch/configs/matrix_sst2_minilm.yaml
+    python launch/matrix.py --config GRID --report-only      # rebuild results.csv / REPORT.md / plots
+    python launch/matrix.py --config GRID --list             # cells and their state
+
+Resumable: finished cells (metrics.json) are skipped, interrupted ones resume from their checkpoint.
+Each cell is a separate launch/train.py process; its output goes to <output_root>/logs/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from pipeline.config import ConfigError  # noqa: E402
+from pipeline.matrix import cell_dir, cell_state, load_grid, run_grid, write_outputs  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, required=True, help="grid YAML (see pipeline/matrix.py)")
+    parser.add_argument("--report-only", action="store_true", help="only rebuild results.csv, plots and REPORT.md")
+    parser.add_argument("--list", action="store_true", help="print every cell with its state and exit")
+    parser.add_argument("--max-cells", type=int, default=None, help="run at most this many cells, then stop")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        grid = load_grid(args.config)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.list:
+        for cell in grid.cells:
+            print(f"{cell_state(cell_dir(grid, cell)):<10} {cell.key}  {' '.join(cell.overrides)}")
+        return 0
+    if args.report_only:
+        rows = write_outputs(grid)
+        print(f"{len(rows)} finished cells -> {grid.output_root / 'REPORT.md'}")
+        return 0
+    counts = run_grid(grid, max_cells=args.max_cells)
+    print(f"cells: {counts['ran']} ran, {counts['skipped']} already finished, {counts['failed']} failed -> {grid.output_root / 'REPORT.md'}")
+    return 1 if counts["failed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,391 @@
+"""Robustness matrix: methods x attacks x seeds (x datasets x models) through the same training code.
+
+A grid file (YAML) names a base run config and the axes:
+
+    base_config: launch/configs/demo.yaml      # every cell starts from this run config
+    output_root: runs/matrix_sst2              # cells, logs, results.csv, REPORT.md
+    datasets: [sst-2]
+    models: [minilm]
+    attacks: [badnets, addsent, stylebkd, synbkd]
+    methods: [vanilla, lora, musclelora]
+    seeds: [42]                                # default seeds of every method
+    method_seeds: {vanilla: [42, 43, 44]}      # per-method seeds (optional)
+    overrides: [train.epochs=2]                # dotted overrides for every cell
+    method_overrides: {vanilla: [train.lr=2e-5]}
+    cell_overrides:                            # extra overrides where all given keys match
+      - {match: {method: musclelora, attack: badnets}, overrides: [analysis.frequency_every_steps=5]}
+
+Each cell is one ``launch/train.py`` process writing ``<output_root>/cells/<dataset>/<model>/<attack>/<method>/seed<seed>``.
+A cell with ``metrics.json`` is finished and skipped; a cell with a complete checkpoint resumes
+(``resume=true``); a cell directory without either is removed and started again. So a grid killed
+at any point and started again finishes without redoing finished cells. ``results.csv`` and
+``REPORT.md`` are rebuilt from the finished cells' ``metrics.json`` after every cell.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import json
+import logging
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline import checkpoint as ckpt
+from pipeline.config import ConfigError
+
+logger = logging.getLogger(__name__)
+
+_GRID_KEYS = {
+    "base_config", "output_root", "datasets", "models", "attacks", "methods", "seeds", "method_seeds",
+    "overrides", "method_overrides", "cell_overrides", "title", "notes",
+}
+CSV_FIELDS = (
+    "dataset", "model", "attack", "method", "seed", "cacc", "asr", "clean_fpr", "asr_minus_clean_fpr",
+    "best_epoch", "dev_clean_acc", "global_steps", "train_seconds", "wall_seconds", "peak_memory_mb",
+    "trainable_parameters", "gates", "run_dir",
+)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One training run of the grid."""
+
+    dataset: str
+    model: str
+    attack: str
+    method: str
+    seed: int
+    overrides: tuple[str, ...]
+
+    @property
+    def key(self) -> str:
+        """Path of the cell below ``<output_root>/cells``."""
+        model = Path(self.model).name or self.model
+        return f"{self.dataset}/{model}/{self.attack}/{self.method}/seed{self.seed}"
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A parsed grid file."""
+
+    path: Path
+    base_config: Path
+    output_root: Path
+    cells: tuple[Cell, ...]
+    title: str = "Robustness matrix"
+    notes: str = ""
+    methods: tuple[str, ...] = ()
+    attacks: tuple[str, ...] = ()
+    raw: Mapping[str, Any] = field(default_factory=dict)
+
+
+def _as_list(value: Any, key: str, path: Path, problems: list[str]) -> list[Any]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        problems.append(f"{path}: {key} must be a list, got {value!r}")
+        return []
+    return value
+
+
+def load_grid(path: str | os.PathLike[str]) -> Grid:
+    """Parse and validate a grid file (every problem reported at once, relative paths from the repo root).
+
+    Raises:
+        ConfigError: unknown keys, missing axes, or malformed values.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError([f"grid file {path} does not exist"])
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError([f"{where}: not valid YAML ({error})"]) from error
+    problems: list[str] = []
+    if not isinstance(raw, dict):
+        raise ConfigError([f"{path}: a grid file is a mapping of keys, got {type(raw).__name__}"])
+    for key in sorted(set(raw) - _GRID_KEYS):
+        problems.append(f"{path}: unknown key {key!r}; known keys: {sorted(_GRID_KEYS)}")
+    repo = Path(__file__).resolve().parents[1]
+
+    def resolve(value: str) -> Path:
+        candidate = Path(value)
+        return candidate if candidate.is_absolute() else repo / candidate
+
+    base = resolve(str(raw.get("base_config", "launch/configs/demo.yaml")))
+    if not base.is_file():
+        problems.append(f"{path}: base_config {base} does not exist")
+    output_root = resolve(str(raw.get("output_root", f"runs/matrix_{path.stem}")))
+    axes = {}
+    for key in ("datasets", "models", "attacks", "methods", "seeds"):
+        axes[key] = _as_list(raw.get(key), key, path, problems)
+        if not axes[key] and key in ("attacks", "methods"):
+            problems.append(f"{path}: {key} is required (a non-empty list)")
+    seeds_default = axes["seeds"] or [42]
+    method_seeds = raw.get("method_seeds") or {}
+    method_overrides = raw.get("method_overrides") or {}
+    for name, mapping in (("method_seeds", method_seeds), ("method_overrides", method_overrides)):
+        if not isinstance(mapping, dict):
+            problems.append(f"{path}: {name} must map method -> list")
+            continue
+        for method in mapping:
+            if method not in axes["methods"]:
+                problems.append(f"{path}: {name} names {method!r}, which is not in methods {axes['methods']}")
+    cell_overrides = _as_list(raw.get("cell_overrides"), "cell_overrides", path, problems)
+    for i, rule in enumerate(cell_overrides):
+        if not isinstance(rule, dict) or set(rule) != {"match", "overrides"}:
+            problems.append(f"{path}: cell_overrides[{i}] must be {{match: {{...}}, overrides: [...]}}")
+    common = [str(o) for o in _as_list(raw.get("overrides"), "overrides", path, problems)]
+    for override in common:
+        if override.split("=", 1)[0] in ("method", "seed", "data.attack", "data.dataset", "model.name_or_path", "output_dir"):
+            problems.append(f"{path}: overrides sets {override.split('=', 1)[0]!r}, which the grid axes own; use the axis")
+    if problems:
+        raise ConfigError(problems)
+
+    cells = []
+    for dataset, model, attack, method in itertools.product(
+        axes["datasets"] or [None], axes["models"] or [None], axes["attacks"], axes["methods"]
+    ):
+        for seed in (method_seeds.get(method) or seeds_default):
+            extra = list(common) + [str(o) for o in method_overrides.get(method, [])]
+            values = {"dataset": dataset, "model": model, "attack": attack, "method": method, "seed": seed}
+            for rule in cell_overrides:
+                if all(values.get(k) == v for k, v in rule["match"].items()):
+                    extra += [str(o) for o in rule["overrides"]]
+            cells.append(Cell(str(dataset or "default"), str(model or "default"), str(attack), str(method), int(seed), tuple(extra)))
+    return Grid(
+        path=path, base_config=base, output_root=output_root, cells=tuple(cells),
+        title=str(raw.get("title", "Robustness matrix")), notes=str(raw.get("notes", "")),
+        methods=tuple(axes["methods"]), attacks=tuple(axes["attacks"]), raw=raw,
+    )
+
+
+def cell_dir(grid: Grid, cell: Cell) -> Path:
+    """Output directory of one cell."""
+    return grid.output_root / "cells" / cell.key
+
+
+def cell_state(run_dir: Path) -> str:
+    """``finished`` (metrics.json), ``resumable`` (complete checkpoint), ``stale`` (anything else present), ``new``."""
+    if (run_dir / "metrics.json").is_file():
+        return "finished"
+    if (run_dir / "checkpoints" / "last" / "COMPLETE").is_file():
+        return "resumable"
+    return "stale" if run_dir.exists() else "new"
+
+
+def cell_command(grid: Grid, cell: Cell, run_dir: Path, *, resume: bool, python: str = sys.executable) -> list[str]:
+    """The ``launch/train.py`` command line of one cell."""
+    repo = Path(__file__).resolve().parents[1]
+    args = [python, str(repo / "launch" / "train.py"), "--config", str(grid.base_config)]
+    axes = [f"method={cell.method}", f"seed={cell.seed}", f"data.attack={cell.attack}", f"output_dir={run_dir}"]
+    if cell.dataset != "default":
+        axes.append(f"data.dataset={cell.dataset}")
+    if cell.model != "default":
+        axes.append(f"model.name_or_path={cell.model}")
+    return args + axes + list(cell.overrides) + (["resume=true"] if resume else [])
+
+
+def run_grid(
+    grid: Grid,
+    *,
+    python: str = sys.executable,
+    env: Mapping[str, str] | None = None,
+    runner: Callable[[list[str], Path, Mapping[str, str]], int] | None = None,
+    max_cells: int | None = None,
+) -> dict[str, int]:
+    """Run every unfinished cell in order, rebuilding results.csv and REPORT.md after each.
+
+    Args:
+        grid: the parsed grid.
+        python: interpreter for the cell processes.
+        env: environment of the cell processes (default: this process's).
+        runner: ``runner(command, log_file, env) -> return code`` (default: a subprocess).
+        max_cells: stop after this many cells were run (None: all).
+
+    Returns:
+        Counts of cells by outcome (``skipped``, ``ran``, ``failed``).
+    """
+    counts = {"skipped": 0, "ran": 0, "failed": 0}
+    logs = grid.output_root / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    run = runner or _subprocess_runner
+    for index, cell in enumerate(grid.cells, 1):
+        run_dir = cell_dir(grid, cell)
+        state = cell_state(run_dir)
+        if state == "finished":
+            counts["skipped"] += 1
+            continue
+        if max_cells is not None and counts["ran"] + counts["failed"] >= max_cells:
+            break
+        if state == "stale":
+            logger.warning("cell %s: removing an unfinished directory with no checkpoint", cell.key)
+            shutil.rmtree(run_dir)
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        command = cell_command(grid, cell, run_dir, resume=state == "resumable", python=python)
+        log_file = logs / (cell.key.replace("/", "__") + ".log")
+        logger.info("[%d/%d] %s %s", index, len(grid.cells), "resume" if state == "resumable" else "run", cell.key)
+        started = time.perf_counter()
+        code = run(command, log_file, dict(env or os.environ))
+        wall = time.perf_counter() - started
+        if code == 0 and cell_state(run_dir) == "finished":
+            counts["ran"] += 1
+            ckpt.atomic_write_json(run_dir / "cell.json", {"wall_seconds": wall, "command": command})
+        else:
+            counts["failed"] += 1
+            logger.error("cell %s failed (exit %s); see %s", cell.key, code, log_file)
+        write_outputs(grid)
+    write_outputs(grid)
+    return counts
+
+
+def _subprocess_runner(command: list[str], log_file: Path, env: Mapping[str, str]) -> int:
+    with log_file.open("a") as handle:
+        handle.write(f"$ {' '.join(command)}\n")
+        handle.flush()
+        return subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, env=dict(env)).returncode
+
+
+# ----------------------------------------------------------------------------- results
+
+
+def collect_rows(grid: Grid) -> list[dict[str, Any]]:
+    """One CSV row per finished cell, in grid order."""
+    rows = []
+    for cell in grid.cells:
+        run_dir = cell_dir(grid, cell)
+        if cell_state(run_dir) != "finished":
+            continue
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        extra = json.loads((run_dir / "cell.json").read_text()) if (run_dir / "cell.json").is_file() else {}
+        gates = [e.get("gates", {}) for e in metrics.get("history", [])]
+        rows.append({
+            "dataset": cell.dataset, "model": cell.model, "attack": cell.attack, "method": cell.method, "seed": cell.seed,
+            **{k: metrics.get(k) for k in ("cacc", "asr", "clean_fpr", "asr_minus_clean_fpr", "best_epoch", "dev_clean_acc",
+                                            "global_steps", "train_seconds", "peak_memory_mb", "trainable_parameters")},
+            "wall_seconds": extra.get("wall_seconds"),
+            "gates": json.dumps(gates),
+            "run_dir": str(run_dir.relative_to(grid.output_root)),
+            "_metrics": metrics,
+        })
+    return rows
+
+
+def results_csv(rows: Sequence[Mapping[str, Any]]) -> str:
+    """``results.csv`` text (one line per finished cell)."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(CSV_FIELDS), extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in CSV_FIELDS})
+    return buffer.getvalue()
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float | None]:
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def _fmt(values: Sequence[float]) -> str:
+    if not values:
+        return "-"
+    mean, std = _mean_std(values)
+    return f"{mean:.1f}" if std is None else f"{mean:.1f} ± {std:.1f}"
+
+
+def summary_table(rows: Sequence[Mapping[str, Any]], methods: Sequence[str], attacks: Sequence[str]) -> str:
+    """Markdown: per method and attack CACC / ASR / clean FPR as mean ± std over seeds, then averages over attacks."""
+    groups: dict[tuple[str, str], list[Mapping[str, Any]]] = defaultdict(list)
+    for row in rows:
+        groups[(row["method"], row["attack"])].append(row)
+    header = "| method | " + " | ".join(f"{a}: CACC / ASR (FPR)" for a in attacks) + " | avg CACC | avg ASR | avg FPR | seeds |"
+    lines = [header, "|" + "---|" * (len(attacks) + 5)]
+    for method in methods:
+        cells, means, seeds = [], defaultdict(list), set()
+        for attack in attacks:
+            group = groups.get((method, attack), [])
+            if not group:
+                cells.append("-")
+                continue
+            seeds.update(r["seed"] for r in group)
+            values = {k: [float(r[k]) for r in group] for k in ("cacc", "asr", "clean_fpr")}
+            for k, v in values.items():
+                means[k].append(statistics.mean(v))
+            cells.append(f"{_fmt(values['cacc'])} / {_fmt(values['asr'])} ({_fmt(values['clean_fpr'])})")
+        complete = len(means["cacc"]) == len(attacks)
+        averages = [f"{statistics.mean(means[k]):.1f}" if complete else "-" for k in ("cacc", "asr", "clean_fpr")]
+        lines.append(f"| {method} | " + " | ".join(cells + averages) + f" | {len(seeds) or '-'} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(grid: Grid) -> list[dict[str, Any]]:
+    """Rebuild ``results.csv``, the plots and ``REPORT.md`` from the finished cells."""
+    rows = collect_rows(grid)
+    grid.output_root.mkdir(parents=True, exist_ok=True)
+    ckpt.atomic_write_text(grid.output_root / "results.csv", results_csv(rows))
+    plots = []
+    if rows:
+        from pipeline import report
+
+        plots = report.matrix_plots(rows, grid.methods, grid.attacks, grid.output_root / "plots")
+    ckpt.atomic_write_text(grid.output_root / "REPORT.md", render_report(grid, rows, plots))
+    return rows
+
+
+def render_report(grid: Grid, rows: Sequence[Mapping[str, Any]], plots: Sequence[Path]) -> str:
+    """The REPORT.md text: settings, the summary table, cost per method, plots."""
+    done, total = len(rows), len(grid.cells)
+    lines = [f"# {grid.title}", ""]
+    if grid.notes:
+        lines += [grid.notes.strip(), ""]
+    lines += [
+        f"Grid file: `{grid.path.name}` (base config `{grid.base_config.name}`); {done} of {total} cells finished.",
+        f"Reproduce: `python launch/matrix.py --config {grid.path.name}` (resumable; finished cells are skipped).",
+        "",
+        "Settings shared by every cell: " + (", ".join(f"`{o}`" for o in grid.raw.get("overrides") or []) or "the base config"),
+        "",
+        "## CACC / ASR (clean false-positive rate) per method and attack",
+        "",
+        "Mean ± standard deviation over seeds. ASR counts triggered non-target test sentences predicted as the",
+        "target; the clean FPR is the share of clean non-target test sentences predicted as the target (the",
+        "floor under ASR that the trigger does not cause).",
+        "",
+        summary_table(rows, grid.methods, grid.attacks),
+        "## Cost per method (mean over finished cells)",
+        "",
+        "| method | cells | train seconds | peak memory MB | trainable parameters |",
+        "|---|---|---|---|---|",
+    ]
+    by_method: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
+    for row in rows:
+        by_method[row["method"]].append(row)
+    for method in grid.methods:
+        group = by_method.get(method, [])
+        if not group:
+            continue
+        seconds = statistics.mean(float(r["train_seconds"] or 0) for r in group)
+        memory = statistics.mean(float(r["peak_memory_mb"] or 0) for r in group)
+        params = group[0]["trainable_parameters"]
+        lines.append(f"| {method} | {len(group)} | {seconds:.0f} | {memory:.0f} | {params} |")
+    lines.append("")
+    if plots:
+        lines += ["## Plots", ""]
+        for plot in plots:
+            rel = plot.relative_to(grid.output_root)
+            lines.append(f"![{plot.stem}]({rel.as_posix()})")
+            lines.append("")
+    return "\n".join(lines)

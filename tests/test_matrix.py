@@ -1,0 +1,139 @@
+"""The robustness matrix (pipeline/matrix.py, launch/matrix.py): grid parsing, bookkeeping, resume, report."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import ConfigError
+from pipeline.matrix import cell_command, cell_dir, cell_state, load_grid, run_grid, summary_table
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _grid_file(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "grid.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_grid_axes_seeds_and_cell_overrides(tmp_path):
+    grid = load_grid(_grid_file(tmp_path, f"""
+output_root: {tmp_path / 'out'}
+attacks: [badnets, addsent]
+methods: [vanilla, musclelora]
+seeds: [1]
+method_seeds: {{vanilla: [1, 2, 3]}}
+overrides: [train.epochs=2]
+method_overrides: {{vanilla: [train.lr=2e-5]}}
+cell_overrides:
+  - {{match: {{method: musclelora, attack: badnets}}, overrides: [train.log_every_steps=5]}}
+"""))
+    keys = [(c.attack, c.method, c.seed) for c in grid.cells]
+    assert keys == [("badnets", "vanilla", 1), ("badnets", "vanilla", 2), ("badnets", "vanilla", 3), ("badnets", "musclelora", 1),
+                    ("addsent", "vanilla", 1), ("addsent", "vanilla", 2), ("addsent", "vanilla", 3), ("addsent", "musclelora", 1)]
+    by = {(c.attack, c.method, c.seed): c for c in grid.cells}
+    assert by[("badnets", "vanilla", 2)].overrides == ("train.epochs=2", "train.lr=2e-5")
+    assert by[("badnets", "musclelora", 1)].overrides == ("train.epochs=2", "train.log_every_steps=5")
+    assert by[("addsent", "musclelora", 1)].overrides == ("train.epochs=2",)
+    command = cell_command(grid, by[("addsent", "musclelora", 1)], tmp_path / "x", resume=True)
+    assert "method=musclelora" in command and "data.attack=addsent" in command and "seed=1" in command
+    assert command[-1] == "resume=true"
+
+
+def test_grid_errors_are_all_reported(tmp_path):
+    path = _grid_file(tmp_path, """
+methods: vanilla
+attacks: []
+colour: blue
+method_seeds: {lora: [1]}
+overrides: [method=lora]
+""")
+    with pytest.raises(ConfigError) as info:
+        load_grid(path)
+    text = str(info.value)
+    for needle in ("methods must be a list", "attacks is required", "unknown key 'colour'", "'lora', which is not in methods",
+                   "sets 'method'"):
+        assert needle in text, needle
+
+
+def test_bookkeeping_skips_finished_resumes_checkpointed_and_restarts_stale(tmp_path):
+    grid = load_grid(_grid_file(tmp_path, f"output_root: {tmp_path / 'out'}\nattacks: [badnets]\nmethods: [a, b, c, d]\n"))
+    dirs = {c.method: cell_dir(grid, c) for c in grid.cells}
+    (dirs["a"]).mkdir(parents=True)
+    (dirs["a"] / "metrics.json").write_text(json.dumps({"cacc": 90.0, "asr": 10.0, "clean_fpr": 5.0, "history": []}))
+    (dirs["b"] / "checkpoints" / "last").mkdir(parents=True)
+    (dirs["b"] / "checkpoints" / "last" / "COMPLETE").write_text("{}")
+    (dirs["c"]).mkdir(parents=True)
+    (dirs["c"] / "junk").write_text("half written")
+    assert [cell_state(dirs[m]) for m in "abcd"] == ["finished", "resumable", "stale", "new"]
+    seen = []
+
+    def fake_runner(command, log_file, env):
+        seen.append(command)
+        out = Path(next(a for a in command if a.startswith("output_dir=")).split("=", 1)[1])
+        out.mkdir(parents=True, exist_ok=True)
+        assert not (out / "junk").exists()
+        (out / "metrics.json").write_text(json.dumps({"cacc": 80.0, "asr": 20.0, "clean_fpr": 4.0, "history": [],
+                                                      "train_seconds": 1.0, "peak_memory_mb": 1.0, "trainable_parameters": 3}))
+        return 0
+
+    counts = run_grid(grid, runner=fake_runner)
+    assert counts == {"skipped": 1, "ran": 3, "failed": 0}
+    assert [c[-1] == "resume=true" for c in seen] == [True, False, False]
+    assert run_grid(grid, runner=fake_runner) == {"skipped": 4, "ran": 0, "failed": 0}
+    rows = list(csv.DictReader(io.StringIO((tmp_path / "out" / "results.csv").read_text())))
+    assert [r["method"] for r in rows] == ["a", "b", "c", "d"]
+
+
+def test_summary_table_mean_and_std_over_seeds():
+    rows = [
+        {"method": "m", "attack": "x", "seed": 1, "cacc": 80.0, "asr": 10.0, "clean_fpr": 4.0},
+        {"method": "m", "attack": "x", "seed": 2, "cacc": 90.0, "asr": 20.0, "clean_fpr": 6.0},
+        {"method": "m", "attack": "y", "seed": 1, "cacc": 70.0, "asr": 30.0, "clean_fpr": 8.0},
+    ]
+    table = summary_table(rows, ["m"], ["x", "y"])
+    assert "85.0 ± 7.1 / 15.0 ± 7.1 (5.0 ± 1.4)" in table
+    assert "| 77.5 | 22.5 | 6.5 | 2 |" in table  # averages of per-attack means; 2 distinct seeds
+
+
+@pytest.mark.integration
+def test_two_cell_grid_end_to_end_and_rerun_skips(tmp_path, tiny_bert_dir, tiny_data_root):
+    grid_path = _grid_file(tmp_path, f"""
+title: tiny grid
+output_root: {tmp_path / 'out'}
+datasets: [toy]
+models: [{tiny_bert_dir}]
+attacks: [badnets]
+methods: [lora, musclelora]
+seeds: [3]
+overrides: [data.root={tiny_data_root}, data.max_length=16, data.ref_size=8, train.epochs=2, train.max_steps=4,
+            train.batch_size=8, train.eval_batch_size=16, "mslr.scales=[1,2,4]", train.num_threads=1]
+""")
+    script = REPO / "launch" / "matrix.py"
+    first = subprocess.run([sys.executable, str(script), "--config", str(grid_path), "--max-cells", "1"],
+                           capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "1 ran, 0 already finished" in first.stdout
+    second = subprocess.run([sys.executable, str(script), "--config", str(grid_path)], capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "1 ran, 1 already finished" in second.stdout
+    out = tmp_path / "out"
+    rows = list(csv.DictReader(io.StringIO((out / "results.csv").read_text())))
+    assert [(r["method"], r["seed"]) for r in rows] == [("lora", "3"), ("musclelora", "3")]
+    for row in rows:
+        metrics = json.loads((out / row["run_dir"] / "metrics.json").read_text())
+        assert float(row["cacc"]) == pytest.approx(metrics["cacc"]) and float(row["asr"]) == pytest.approx(metrics["asr"])
+        assert float(row["train_seconds"]) > 0 and float(row["wall_seconds"]) > 0 and float(row["peak_memory_mb"]) > 0
+    report = (out / "REPORT.md").read_text()
+    assert "# tiny grid" in report and "2 of 2 cells finished" in report and "| musclelora |" in report
+    for png in ("asr_cacc_bars.png", "epoch_curves.png"):
+        path = out / "plots" / png
+        assert path.is_file() and 1_000 < path.stat().st_size < 300_000
+        assert f"plots/{png}" in report
