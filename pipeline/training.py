@@ -362,6 +362,7 @@ def optimiser_step(
             bad = [n for n, g in result.grads.items() if not torch.isfinite(g).all()]
             raise NonFiniteError(f"step {global_step}: gradient norm is {total} (non-finite in {bad[:5]})")
         engine.set_gradients(result.grads)
+        record["cosine_by_group"] = group_cosines(task, {name: reduced[f"ref/{name}"] for name in params})
         record.update(
             ref_loss=ref_loss,
             gate=result.gate,
@@ -383,6 +384,54 @@ def optimiser_step(
         collective_seconds=engine.collective_seconds - collective_seconds_before,
     )
     return record
+
+
+def parameter_group(name: str) -> str:
+    """Telemetry group of a trainable tensor: ``lora``, ``mslr``, ``head`` or ``base``."""
+    if "lora_A" in name or "lora_B" in name:
+        return "lora"
+    if name.endswith(".lora_a") or name.endswith(".lora_b"):
+        return "mslr"
+    if any(part in name for part in ("classifier.", "score.", "pooler.")):
+        return "head"
+    return "base"
+
+
+def group_cosines(task: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """cos(g, r) of the concatenated task and reference gradients of each parameter group."""
+    sums: dict[str, list[float]] = {}
+    for name, g in task.items():
+        r = reference[name]
+        acc = sums.setdefault(parameter_group(name), [0.0, 0.0, 0.0])
+        acc[0] += float((g.double() * r.double()).sum())
+        acc[1] += float(g.double().pow(2).sum())
+        acc[2] += float(r.double().pow(2).sum())
+    return {k: (d / math.sqrt(a * b) if a > 0 and b > 0 else 0.0) for k, (d, a, b) in sorted(sums.items())}
+
+
+def open_tensorboard(output_dir: Path) -> Any:
+    """A TensorBoard writer under ``output_dir/tensorboard`` when tensorboard is installed, else None."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(log_dir=str(output_dir / "tensorboard"))
+
+
+def _tensorboard_step(writer: Any, record: Mapping[str, Any], step: int) -> None:
+    for key, value in record.items():
+        if isinstance(value, bool) or key == "type":
+            continue
+        if isinstance(value, (int, float)):
+            writer.add_scalar(f"train/{key}", value, step)
+        elif isinstance(value, Mapping):
+            for sub, number in value.items():
+                if isinstance(number, (int, float)):
+                    writer.add_scalar(f"train/{key}/{sub}", number, step)
+    if "gate" in record:
+        writer.add_scalar("train/gate_align", float(record["gate"] == "align"), step)
+        writer.add_scalar("train/gate_mix", float(record["gate"] == "mix"), step)
+        writer.add_scalar("train/gate_raw", float(record["gate"] == "raw"), step)
 
 
 def evaluate_split(model: nn.Module, loader: DataLoader, runtime: dist.Runtime, desc: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -607,6 +656,7 @@ def _train_and_evaluate(
             )
         dist.barrier(runtime)
 
+    writer = open_tensorboard(output_dir) if main else None
     started = time.perf_counter() - progress["train_seconds"]
     done = progress["global_step"] >= total_steps
     while progress["epoch"] < cfg.train.epochs and not done:
@@ -654,6 +704,8 @@ def _train_and_evaluate(
             bar.set_postfix(loss=f"{train_loss:.4f}", **({"ref": f"{record['ref_loss']:.3f}", "gate": record["gate"]} if "gate" in record else {}))
             if main:
                 _append_log(log_path, {"type": "step", "epoch": epoch, "global_step": progress["global_step"], "loss": train_loss, **record})
+                if writer is not None:
+                    _tensorboard_step(writer, {"loss": train_loss, **record}, progress["global_step"])
             if progress["global_step"] % cfg.train.log_every_steps == 0:
                 logger.info("epoch %d step %d loss %.4f %s", epoch, progress["global_step"], train_loss,
                             " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
@@ -677,6 +729,11 @@ def _train_and_evaluate(
         }
         if main:
             _append_log(log_path, epoch_record)
+            if writer is not None:
+                writer.add_scalar("epoch/dev_clean_acc", dev_acc, epoch)
+                writer.add_scalar("epoch/dev_poison_asr_monitor_only", dev_asr, epoch)
+                for gate, count in gates.items():
+                    writer.add_scalar(f"epoch/gate_{gate}", count, epoch)
         progress["history"].append(epoch_record)
         logger.info("epoch %d: dev-clean acc %.2f%%, dev-poison ASR %.2f%% (monitoring only), gates %s",
                     epoch, 100 * dev_acc, 100 * dev_asr, dict(gates))
@@ -693,6 +750,8 @@ def _train_and_evaluate(
         save_checkpoint()
 
     train_seconds = time.perf_counter() - started
+    if writer is not None:
+        writer.close()
     dist.barrier(runtime)
     engine.load_parameters(ckpt.load_tensors(checkpoint_dir / _BEST_FILE))
     return _final_evaluation(

@@ -314,3 +314,31 @@ def test_resume_refuses_changed_training_rows(tmp_path, tiny_data_root, tiny_ber
     train_file.write_text("\n".join(lines) + "\n")
     with pytest.raises(Exception, match="train rows differ"):
         run_training(_config(tmp_path, tiny_bert_dir, root, *args, "resume=true"))
+
+
+def test_group_cosines_match_cosine_of_concatenated_groups():
+    from pipeline.training import group_cosines, parameter_group
+
+    torch.manual_seed(0)
+    names = ["m.layer.0.q.lora_A.default.weight", "m.layer.0.q.lora_B.default.weight", "m.pooler.dense.lora_a",
+             "m.pooler.dense.lora_b", "m.classifier.weight"]
+    task = {n: torch.randn(3, 4) for n in names}
+    ref = {n: torch.randn(3, 4) for n in names}
+    assert [parameter_group(n) for n in names] == ["lora", "lora", "mslr", "mslr", "head"]
+    got = group_cosines(task, ref)
+    for group, members in (("lora", names[:2]), ("mslr", names[2:4]), ("head", names[4:])):
+        g = torch.cat([task[n].flatten() for n in members])
+        r = torch.cat([ref[n].flatten() for n in members])
+        assert got[group] == pytest.approx(torch.nn.functional.cosine_similarity(g, r, dim=0).item(), abs=1e-6)
+
+
+@pytest.mark.integration
+def test_alignment_telemetry_is_logged_per_step(tmp_path, tiny_data_root, tiny_bert_dir):
+    run_training(_config(tmp_path, tiny_bert_dir, tiny_data_root, "method=musclelora", "train.max_steps=3", "train.epochs=1"))
+    steps = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines() if '"step"' in x]
+    for record in steps:
+        assert set(record["cosine_by_group"]) == {"lora", "mslr"}  # the head is frozen for musclelora
+        assert all(-1.0 <= v <= 1.0 for v in record["cosine_by_group"].values())
+        assert record["gate"] in {"align", "mix", "raw"} and record["ref_grad_norm"] >= 0 and record["ref_loss"] > 0
+    epochs = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines() if '"epoch", ' in x or '"type": "epoch"' in x]
+    assert sum(epochs[-1]["gates"].values()) == 3
