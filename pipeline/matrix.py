@@ -158,10 +158,14 @@ def load_grid(path: str | os.PathLike[str]) -> Grid:
         raise ConfigError(problems)
 
     cells = []
-    for dataset, model, attack, method in itertools.product(
-        axes["datasets"] or [None], axes["models"] or [None], axes["attacks"], axes["methods"]
+    # First seed of every method across the grid first, then the extra seeds: a partial grid is a
+    # complete one-seed table early.
+    for position, dataset, model, attack, method in itertools.product(
+        range(max(len(v) for v in [seeds_default, *method_seeds.values()])),
+        axes["datasets"] or [None], axes["models"] or [None], axes["attacks"], axes["methods"],
     ):
-        for seed in (method_seeds.get(method) or seeds_default):
+        method_list = method_seeds.get(method) or seeds_default
+        for seed in method_list[position : position + 1]:
             extra = list(common) + [str(o) for o in method_overrides.get(method, [])]
             values = {"dataset": dataset, "model": model, "attack": attack, "method": method, "seed": seed}
             for rule in cell_overrides:

@@ -36,8 +36,9 @@ cell_overrides:
   - {{match: {{method: musclelora, attack: badnets}}, overrides: [train.log_every_steps=5]}}
 """))
     keys = [(c.attack, c.method, c.seed) for c in grid.cells]
-    assert keys == [("badnets", "vanilla", 1), ("badnets", "vanilla", 2), ("badnets", "vanilla", 3), ("badnets", "musclelora", 1),
-                    ("addsent", "vanilla", 1), ("addsent", "vanilla", 2), ("addsent", "vanilla", 3), ("addsent", "musclelora", 1)]
+    # First seeds of the whole grid first, then the extra seeds.
+    assert keys == [("badnets", "vanilla", 1), ("badnets", "musclelora", 1), ("addsent", "vanilla", 1), ("addsent", "musclelora", 1),
+                    ("badnets", "vanilla", 2), ("addsent", "vanilla", 2), ("badnets", "vanilla", 3), ("addsent", "vanilla", 3)]
     by = {(c.attack, c.method, c.seed): c for c in grid.cells}
     assert by[("badnets", "vanilla", 2)].overrides == ("train.epochs=2", "train.lr=2e-5")
     assert by[("badnets", "musclelora", 1)].overrides == ("train.epochs=2", "train.log_every_steps=5")
