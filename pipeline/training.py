@@ -254,11 +254,6 @@ def batch_loss(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Ten
 # ----------------------------------------------------------------------------- state
 
 
-def trainable_state(params: Mapping[str, nn.Parameter]) -> dict[str, torch.Tensor]:
-    """Detached CPU copies of the trainable parameters (for best-epoch restore and checkpoints)."""
-    return {name: p.detach().to("cpu", copy=True).contiguous() for name, p in params.items()}
-
-
 def load_trainable_state(params: Mapping[str, nn.Parameter], state: Mapping[str, torch.Tensor]) -> None:
     """Copy ``state`` into ``params``; key sets must match exactly."""
     missing = sorted(set(params) - set(state))
