@@ -1,7 +1,7 @@
 """Typed run configuration for MuScleLoRA (Wu et al., ACL 2024, arXiv 2402.12026).
 
-A run is one frozen :class:`RunConfig` made of six frozen sections (``model``, ``data``, ``lora``,
-``mslr``, ``align``, ``train``). The knobs map onto the method as follows.
+A run is one frozen :class:`RunConfig` made of seven frozen sections (``model``, ``data``, ``lora``,
+``mslr``, ``align``, ``train``, ``analysis``). The knobs map onto the method as follows.
 
 LoRA on the frozen backbone (``lora.*``), on every module named in ``lora.target_modules``::
 
@@ -49,13 +49,13 @@ import yaml
 
 logger = logging.getLogger(__name__)
 
-Method = Literal["vanilla", "ga", "lora", "lora_mslr", "ga_lora", "musclelora"]
+Method = Literal["vanilla", "ga", "lora", "lora_mslr", "ga_lora", "musclelora", "ref_only"]
 METHODS: tuple[str, ...] = get_args(Method)
 MINILM_ALIAS = "minilm"
 """Value of ``model.name_or_path`` that selects the embedded all-MiniLM-L6-v2 checkpoint."""
 
-_LORA_METHODS = frozenset({"lora", "lora_mslr", "ga_lora", "musclelora"})
-_MSLR_METHODS = frozenset({"lora_mslr", "musclelora"})
+_LORA_METHODS = frozenset({"lora", "lora_mslr", "ga_lora", "musclelora", "ref_only"})
+_MSLR_METHODS = frozenset({"lora_mslr", "musclelora", "ref_only"})
 _ALIGN_METHODS = frozenset({"ga", "ga_lora", "musclelora"})
 
 
@@ -265,8 +265,9 @@ class DataConfig(_Validated):
     attack: str = _field(
         "badnets", "attack folder name: badnets, addsent, stylebkd, synbkd", check=_non_empty_str
     )
-    setting: Literal["auto", "clean", "mix"] = _field(
-        "auto", "poisoning setting folder; auto: badnets -> clean (clean-label), other attacks -> mix"
+    setting: Literal["auto", "clean", "mix", "dirty"] = _field(
+        "auto", "poisoning setting folder; auto: badnets -> clean (clean-label), other attacks -> mix; "
+        "dirty: label-flipped sets made by launch/make_poison.py"
     )
     poison_rate: str = _field(
         "0.1", "poison-rate folder name, a number in (0, 1)", check=_poison_rate
@@ -412,6 +413,22 @@ class TrainConfig(_Validated):
 
 
 @dataclass(frozen=True)
+class AnalysisConfig(_Validated):
+    """Optional analyses during training (off by default)."""
+
+    _prefix: ClassVar[str] = "analysis."
+
+    frequency_every_steps: int = _field(
+        0, "0: off; N > 0: low/high-frequency errors of the clean and backdoor mappings on dev-clean / "
+        "dev-poison every N optimiser steps (REFERENCE.md section 5) into frequency.json",
+        check=_bounds(ge=0),
+    )
+    frequency_kernel: Literal["authors", "gaussian"] = _field(
+        "authors", "frequency-analysis kernel: authors exp(-D/(2 sigma)) or gaussian exp(-D^2/(2 sigma))"
+    )
+
+
+@dataclass(frozen=True)
 class RunConfig(_Validated):
     """One training run: method, output folder and the six sections."""
 
@@ -420,7 +437,8 @@ class RunConfig(_Validated):
     method: Method = _field(
         "musclelora",
         "vanilla / ga: full fine-tuning (ga aligns); lora, lora_mslr, ga_lora, musclelora "
-        "(= ga + lora + mslr): adapters",
+        "(= ga + lora + mslr): adapters; ref_only: musclelora's adapters trained on the clean reference "
+        "rows alone (same steps, no alignment): the sanity floor",
     )
     seed: int = _field(42, "seed for sampling, initialisation and shuffling", check=_bounds(ge=0, lt=2**32))
     output_dir: str = _field(
@@ -434,6 +452,7 @@ class RunConfig(_Validated):
     mslr: MslrConfig = _section(MslrConfig, "multi-scale low-rank layer")
     align: AlignConfig = _section(AlignConfig, "gradient alignment")
     train: TrainConfig = _section(TrainConfig, "optimisation")
+    analysis: AnalysisConfig = _section(AnalysisConfig, "optional analyses")
 
     def _cross_problems(self, values: Mapping[str, Any], bad_keys: set[str]) -> list[_Problem]:
         sections = {
@@ -451,6 +470,7 @@ _SECTIONS: dict[str, type] = {
     "mslr": MslrConfig,
     "align": AlignConfig,
     "train": TrainConfig,
+    "analysis": AnalysisConfig,
 }
 _TOP_KEYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(RunConfig) if f.name not in _SECTIONS)
 

@@ -154,7 +154,7 @@ def split_paths(
     dataset: str,
     attack: str,
     *,
-    setting: Literal["auto", "clean", "mix"] = "auto",
+    setting: Literal["auto", "clean", "mix", "dirty"] = "auto",
     poison_rate: str | float = "0.1",
     target_label: int = 1,
 ) -> SplitPaths:
@@ -176,8 +176,8 @@ def split_paths(
     Raises:
         DataError: A folder or file is missing; the message lists what exists at that level.
     """
-    if setting not in ("auto", "clean", "mix"):
-        raise DataError(f"setting must be 'auto', 'clean' or 'mix', got {setting!r}")
+    if setting not in ("auto", "clean", "mix", "dirty"):
+        raise DataError(f"setting must be 'auto', 'clean', 'mix' or 'dirty', got {setting!r}")
     root = Path(root)
     _require_dir(root, "poison_data root folder")
     dataset_dir = root / dataset

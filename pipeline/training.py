@@ -42,6 +42,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from pipeline import checkpoint as ckpt
 from pipeline import distributed as dist
+from pipeline import frequency
 from pipeline.adapters import inject
 from pipeline.adapters.state import adapter_tensor_names, load_adapter, save_adapter
 from pipeline.alignment import align_gradients
@@ -515,6 +516,12 @@ def _run(cfg: RunConfig, runtime: dist.Runtime, ds_raw: Mapping[str, Any] | None
     tokenizer, model, trainable_names = build_model(cfg, info, model_path)
     model.to(runtime.device)
     loaders = build_loaders(cfg, tokenizer, training, evaluation)
+    if cfg.method == "ref_only":
+        # The sanity floor: the same adapters, the same number of steps and rows, but every row is a
+        # clean reference row (cycled), never a row of the poisoned training file.
+        n_ref = len(loaders.reference)
+        loaders = dataclasses.replace(loaders, train=loaders.reference.select([i % n_ref for i in range(len(loaders.train))]))
+        logger.info("ref_only: training on the %d clean reference rows, cycled to %d rows per epoch", n_ref, len(loaders.train))
 
     # Everything validated: from here on rank 0 writes files.
     handler = None
@@ -614,6 +621,23 @@ def _train_and_evaluate(
         # Parameters go in before the engine is built, so ZeRO's fp32 master copies start from them.
         load_trainable_state(params, state.trainable)
 
+    freq_every = cfg.analysis.frequency_every_steps
+    freq_loaders = {"clean": loaders.selection, "backdoor": loaders.dev_poison}
+    probe = None
+    if freq_every > 0 and main:
+        # Before the engine: ZeRO-3 partitions the embedding table when it is built.
+        probe = frequency.FrequencyProbe(kind=cfg.analysis.frequency_kernel, cache_dir=output_dir / "frequency_cache")
+        for role, loader in freq_loaders.items():
+            probe.prepare(role, model, loader, device=runtime.device)
+
+    def measure_frequency(step: int, epoch: int) -> None:
+        if main:
+            record = probe.measure(model, freq_loaders, device=runtime.device, global_step=step, epoch=epoch)
+            frequency.append_frequency_record(output_dir, record, header=probe.header())
+        elif ds_config is not None and dist.zero_stage(ds_config) == 3:
+            for loader in freq_loaders.values():  # ZeRO-3 forwards gather parameters on every rank
+                frequency.output_probabilities(model, loader, device=runtime.device)
+
     engine = dist.Engine(
         runtime, model, params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
         max_grad_norm=cfg.train.max_grad_norm, deepspeed_config=ds_config,
@@ -633,6 +657,7 @@ def _train_and_evaluate(
         progress.update(state.progress)
         if main:
             _truncate_log(log_path, progress["global_step"])
+            frequency.truncate_frequency_records(output_dir, progress["global_step"])
         logger.info("resumed from %s at epoch %d step %d", checkpoint_dir / _LAST, progress["epoch"], progress["global_step"])
 
     def save_checkpoint() -> None:
@@ -654,6 +679,8 @@ def _train_and_evaluate(
     writer = open_tensorboard(output_dir) if main else None
     started = time.perf_counter() - progress["train_seconds"]
     done = progress["global_step"] >= total_steps
+    if freq_every > 0 and progress["global_step"] == 0:
+        measure_frequency(0, 0)
     while progress["epoch"] < cfg.train.epochs and not done:
         epoch = progress["epoch"]
         gates: Counter[str] = Counter()
@@ -701,6 +728,8 @@ def _train_and_evaluate(
                 _append_log(log_path, {"type": "step", "epoch": epoch, "global_step": progress["global_step"], "loss": train_loss, **record})
                 if writer is not None:
                     _tensorboard_step(writer, {"loss": train_loss, **record}, progress["global_step"])
+            if freq_every > 0 and progress["global_step"] % freq_every == 0:
+                measure_frequency(progress["global_step"], epoch)
             if progress["global_step"] % cfg.train.log_every_steps == 0:
                 logger.info("epoch %d step %d loss %.4f %s", epoch, progress["global_step"], train_loss,
                             " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))

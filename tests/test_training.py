@@ -342,3 +342,56 @@ def test_alignment_telemetry_is_logged_per_step(tmp_path, tiny_data_root, tiny_b
         assert record["gate"] in {"align", "mix", "raw"} and record["ref_grad_norm"] >= 0 and record["ref_loss"] > 0
     epochs = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines() if '"epoch", ' in x or '"type": "epoch"' in x]
     assert sum(epochs[-1]["gates"].values()) == 3
+
+
+@pytest.mark.integration
+def test_ref_only_trains_musclelora_adapters_on_reference_rows_only(tmp_path, tiny_data_root, tiny_bert_dir, monkeypatch):
+    import pipeline.training as training
+
+    seen: list[int] = []
+    original = training.batch_loss
+
+    def spy(model, batch):
+        seen.extend(batch["input_ids"].flatten().tolist())
+        return original(model, batch)
+
+    monkeypatch.setattr(training, "batch_loss", spy)
+    metrics = run_training(_config(tmp_path, tiny_bert_dir, tiny_data_root, "method=ref_only", "train.epochs=1"))
+    assert metrics["global_steps"] == 12  # same steps as a 96-row epoch at batch 8
+    names = set(_adapter_tensors(tmp_path / "run"))
+    assert any("lora_A" in n for n in names) and any(n.endswith("pooler.dense.lora_a") for n in names)
+    steps = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines() if '"step"' in x]
+    assert not any("gate" in r for r in steps)
+    # Every training token came from the reference rows (dev-clean), none from the poisoned file's trigger rows.
+    from pipeline.modeling import load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_bert_dir, is_decoder=False)
+    cf = tokenizer.convert_tokens_to_ids("cf")
+    assert seen and cf not in seen
+
+
+@pytest.mark.integration
+def test_frequency_analysis_is_recorded_and_survives_resume(tmp_path, tiny_data_root, tiny_bert_dir, monkeypatch):
+    from pipeline.frequency import read_frequency_file
+
+    import pipeline.training as training
+
+    args = ("method=musclelora", "train.epochs=1", "analysis.frequency_every_steps=4", "train.checkpoint_every_steps=4")
+    original = training.optimiser_step
+
+    def crash(**kwargs):
+        if kwargs["global_step"] == 9:
+            raise KeyboardInterrupt
+        return original(**kwargs)
+
+    monkeypatch.setattr(training, "optimiser_step", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(_config(tmp_path, tiny_bert_dir, tiny_data_root, *args))
+    monkeypatch.setattr(training, "optimiser_step", original)
+    assert [r["global_step"] for r in read_frequency_file(tmp_path / "run")["records"]] == [0, 4, 8]
+    run_training(_config(tmp_path, tiny_bert_dir, tiny_data_root, *args, "resume=true"))
+    doc = read_frequency_file(tmp_path / "run")
+    assert [r["global_step"] for r in doc["records"]] == [0, 4, 8, 12]
+    for record in doc["records"]:
+        assert set(record) >= {"clean", "backdoor"}
+    assert (tmp_path / "run" / "frequency_cache").is_dir()
