@@ -460,13 +460,9 @@ class Engine:
                 p.grad.copy_(value.to(p.grad.dtype))
 
     def nonfinite_parameters(self) -> list[str]:
-        """Names whose gradient has a NaN/inf anywhere on any rank (one scalar all-reduce when distributed)."""
-        bad = [n for n in self.names if (piece := self._piece(self.params[n])).numel and not torch.isfinite(piece.tensor).all()]
-        if not self.runtime.distributed:
-            return bad
-        flag = torch.tensor([float(bool(bad))], device=self.runtime.device)
-        self._all_reduce(flag, torch.distributed.ReduceOp.MAX)
-        return bad if bad else (["<on another rank>"] if flag.item() > 0 else [])
+        """Names whose gradient piece on THIS rank has a NaN/inf (no communication: the training loop
+        sums the flag over ranks in its one per-step all-reduce)."""
+        return [n for n in self.names if (piece := self._piece(self.params[n])).numel and not torch.isfinite(piece.tensor).all()]
 
     def step(self) -> float:
         """Clip to ``max_grad_norm``, update, clear gradients. Returns the global pre-clip gradient norm."""
