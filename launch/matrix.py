@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report-only", action="store_true", help="only rebuild results.csv, plots and REPORT.md")
     parser.add_argument("--list", action="store_true", help="print every cell with its state and exit")
     parser.add_argument("--max-cells", type=int, default=None, help="run at most this many cells, then stop")
+    parser.add_argument("--jobs", type=int, default=1, help="cells run side by side (set train.num_threads = cores / jobs in the grid)")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = write_outputs(grid)
         print(f"{len(rows)} finished cells -> {grid.output_root / 'REPORT.md'}")
         return 0
-    counts = run_grid(grid, max_cells=args.max_cells)
+    counts = run_grid(grid, max_cells=args.max_cells, jobs=args.jobs)
     print(f"cells: {counts['ran']} ran, {counts['skipped']} already finished, {counts['failed']} failed -> {grid.output_root / 'REPORT.md'}")
     return 1 if counts["failed"] else 0
 

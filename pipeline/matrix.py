@@ -24,6 +24,7 @@ at any point and started again finishes without redoing finished cells. ``result
 
 from __future__ import annotations
 
+import concurrent.futures
 import csv
 import io
 import itertools
@@ -34,6 +35,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
@@ -212,15 +214,17 @@ def run_grid(
     env: Mapping[str, str] | None = None,
     runner: Callable[[list[str], Path, Mapping[str, str]], int] | None = None,
     max_cells: int | None = None,
+    jobs: int = 1,
 ) -> dict[str, int]:
-    """Run every unfinished cell in order, rebuilding results.csv and REPORT.md after each.
+    """Run every unfinished cell in grid order, rebuilding results.csv and REPORT.md after each.
 
     Args:
         grid: the parsed grid.
         python: interpreter for the cell processes.
         env: environment of the cell processes (default: this process's).
         runner: ``runner(command, log_file, env) -> return code`` (default: a subprocess).
-        max_cells: stop after this many cells were run (None: all).
+        max_cells: start at most this many cells (None: all).
+        jobs: cells run side by side (give each cell ``train.num_threads`` = cores / jobs).
 
     Returns:
         Counts of cells by outcome (``skipped``, ``ran``, ``failed``).
@@ -229,14 +233,17 @@ def run_grid(
     logs = grid.output_root / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     run = runner or _subprocess_runner
+    lock = threading.Lock()
+    todo: list[tuple[int, Cell, str]] = []
     for index, cell in enumerate(grid.cells, 1):
-        run_dir = cell_dir(grid, cell)
-        state = cell_state(run_dir)
+        state = cell_state(cell_dir(grid, cell))
         if state == "finished":
             counts["skipped"] += 1
-            continue
-        if max_cells is not None and counts["ran"] + counts["failed"] >= max_cells:
-            break
+        elif max_cells is None or len(todo) < max_cells:
+            todo.append((index, cell, state))
+
+    def run_one(index: int, cell: Cell, state: str) -> None:
+        run_dir = cell_dir(grid, cell)
         if state == "stale":
             logger.warning("cell %s: removing an unfinished directory with no checkpoint", cell.key)
             shutil.rmtree(run_dir)
@@ -247,13 +254,18 @@ def run_grid(
         started = time.perf_counter()
         code = run(command, log_file, dict(env or os.environ))
         wall = time.perf_counter() - started
-        if code == 0 and cell_state(run_dir) == "finished":
-            counts["ran"] += 1
-            ckpt.atomic_write_json(run_dir / "cell.json", {"wall_seconds": wall, "command": command})
-        else:
-            counts["failed"] += 1
-            logger.error("cell %s failed (exit %s); see %s", cell.key, code, log_file)
-        write_outputs(grid)
+        with lock:
+            if code == 0 and cell_state(run_dir) == "finished":
+                counts["ran"] += 1
+                ckpt.atomic_write_json(run_dir / "cell.json", {"wall_seconds": wall, "command": command})
+            else:
+                counts["failed"] += 1
+                logger.error("cell %s failed (exit %s); see %s", cell.key, code, log_file)
+            write_outputs(grid)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        for future in [pool.submit(run_one, *item) for item in todo]:
+            future.result()
     write_outputs(grid)
     return counts
 

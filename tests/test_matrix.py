@@ -138,3 +138,29 @@ overrides: [data.root={tiny_data_root}, data.max_length=16, data.ref_size=8, tra
         path = out / "plots" / png
         assert path.is_file() and 1_000 < path.stat().st_size < 300_000
         assert f"plots/{png}" in report
+
+
+def test_parallel_jobs_run_every_cell_once(tmp_path):
+    import threading
+
+    grid = load_grid(_grid_file(tmp_path, f"output_root: {tmp_path / 'out'}\nattacks: [badnets, addsent]\nmethods: [a, b, c]\n"))
+    seen, active, peak = [], [0], [0]
+    guard = threading.Lock()
+
+    def fake_runner(command, log_file, env):
+        import time
+
+        with guard:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        time.sleep(0.05)
+        out = Path(next(a for a in command if a.startswith("output_dir=")).split("=", 1)[1])
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps({"cacc": 1.0, "asr": 2.0, "clean_fpr": 0.0, "history": []}))
+        with guard:
+            seen.append(str(out))
+            active[0] -= 1
+        return 0
+
+    assert run_grid(grid, runner=fake_runner, jobs=2) == {"skipped": 0, "ran": 6, "failed": 0}
+    assert len(set(seen)) == 6 and peak[0] == 2
