@@ -49,10 +49,19 @@ import yaml
 
 logger = logging.getLogger(__name__)
 
-Method = Literal["vanilla", "ga", "lora", "lora_mslr", "ga_lora", "musclelora", "ref_only"]
+Method = Literal["vanilla", "ga", "lora", "lora_mslr", "ga_lora", "musclelora", "ref_only", "adapter"]
 METHODS: tuple[str, ...] = get_args(Method)
 MINILM_ALIAS = "minilm"
 """Value of ``model.name_or_path`` that selects the embedded all-MiniLM-L6-v2 checkpoint."""
+
+# Output projection of each feed-forward block per model family (bottleneck adapters, Pfeiffer placement).
+BOTTLENECK_TARGETS: dict[str, tuple[str, ...]] = {
+    "bert": (r".*encoder\.layer\.\d+\.output\.dense",),
+    "roberta": (r".*encoder\.layer\.\d+\.output\.dense",),
+    "llama": (r".*layers\.\d+\.mlp\.down_proj",),
+    "mistral": (r".*layers\.\d+\.mlp\.down_proj",),
+    "gpt2": (r".*h\.\d+\.mlp\.c_proj",),
+}
 
 _LORA_METHODS = frozenset({"lora", "lora_mslr", "ga_lora", "musclelora", "ref_only"})
 _MSLR_METHODS = frozenset({"lora_mslr", "musclelora", "ref_only"})
@@ -413,6 +422,21 @@ class TrainConfig(_Validated):
 
 
 @dataclass(frozen=True)
+class BottleneckConfig(_Validated):
+    """Bottleneck adapters (method ``adapter``): a residual down/up projection after each FFN output."""
+
+    _prefix: ClassVar[str] = "adapter."
+
+    reduction_factor: int = _field(16, "bottleneck width = hidden size / reduction_factor", check=_bounds(gt=0))
+    activation: Literal["relu", "gelu", "silu"] = _field("relu", "non-linearity inside the bottleneck")
+    dropout: float = _field(0.0, "dropout on the bottleneck input", check=_bounds(ge=0, lt=1))
+    targets: list[str] | None = _field(
+        None, "auto (each feed-forward output projection of the family): regular expressions of the wrapped modules",
+        auto=True,
+    )
+
+
+@dataclass(frozen=True)
 class AnalysisConfig(_Validated):
     """Optional analyses during training (off by default)."""
 
@@ -438,7 +462,8 @@ class RunConfig(_Validated):
         "musclelora",
         "vanilla / ga: full fine-tuning (ga aligns); lora, lora_mslr, ga_lora, musclelora "
         "(= ga + lora + mslr): adapters; ref_only: musclelora's adapters trained on the clean reference "
-        "rows alone (same steps, no alignment): the sanity floor",
+        "rows alone (same steps, no alignment): the sanity floor; adapter: bottleneck adapters (Pfeiffer "
+        "placement, adapter.*) as a baseline",
     )
     seed: int = _field(42, "seed for sampling, initialisation and shuffling", check=_bounds(ge=0, lt=2**32))
     output_dir: str = _field(
@@ -452,6 +477,7 @@ class RunConfig(_Validated):
     mslr: MslrConfig = _section(MslrConfig, "multi-scale low-rank layer")
     align: AlignConfig = _section(AlignConfig, "gradient alignment")
     train: TrainConfig = _section(TrainConfig, "optimisation")
+    adapter: BottleneckConfig = _section(BottleneckConfig, "bottleneck adapter baseline")
     analysis: AnalysisConfig = _section(AnalysisConfig, "optional analyses")
 
     def _cross_problems(self, values: Mapping[str, Any], bad_keys: set[str]) -> list[_Problem]:
@@ -470,6 +496,7 @@ _SECTIONS: dict[str, type] = {
     "mslr": MslrConfig,
     "align": AlignConfig,
     "train": TrainConfig,
+    "adapter": BottleneckConfig,
     "analysis": AnalysisConfig,
 }
 _TOP_KEYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(RunConfig) if f.name not in _SECTIONS)
@@ -1042,6 +1069,14 @@ def resolve_defaults(cfg: RunConfig, *, model_type: str, hidden_size: int, is_de
                 f"mslr.targets: no default for model type {model_type!r} (known: "
                 f"{', '.join(_ENCODER_FAMILY)} and decoders). Fix: set mslr.targets to regular expressions "
                 "matching the head layer's full module name, e.g. mslr.targets=[classifier.dense]"
+            )
+    if cfg.adapter.targets is None:
+        if model_type in BOTTLENECK_TARGETS:
+            updates["adapter"]["targets"] = list(BOTTLENECK_TARGETS[model_type])
+        elif cfg.method == "adapter":
+            problems.append(
+                f"adapter.targets: no default for model type {model_type!r} (known: {', '.join(BOTTLENECK_TARGETS)}). "
+                "Fix: set adapter.targets to regular expressions of the feed-forward output projections"
             )
     if cfg.mslr.scales is None:
         scales = _DECODER_SCALES if is_decoder else _ENCODER_SCALES.get((family or "", hidden_size))

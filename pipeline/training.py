@@ -44,6 +44,7 @@ from pipeline import checkpoint as ckpt
 from pipeline import distributed as dist
 from pipeline import frequency
 from pipeline.adapters import inject
+from pipeline.adapters.bottleneck import default_bottleneck_targets, inject_bottleneck
 from pipeline.adapters.state import adapter_tensor_names, load_adapter, save_adapter
 from pipeline.alignment import align_gradients
 from pipeline.config import (
@@ -176,7 +177,13 @@ def build_model(cfg: RunConfig, info: modeling.ModelInfo, model_path: Path) -> t
             keep_base=cfg.mslr.keep_base,
         )
         logger.info("MSLR wraps %s (scales %s, alpha %s, rank %d)", wrapped, cfg.mslr.scales, cfg.mslr.alpha, cfg.mslr.rank)
-    full = not uses_lora(cfg.method)
+    if cfg.method == "adapter":
+        targets = list(cfg.adapter.targets or default_bottleneck_targets(info.model_type))
+        inject_bottleneck(
+            model, targets=targets, reduction_factor=cfg.adapter.reduction_factor,
+            activation=cfg.adapter.activation, dropout=cfg.adapter.dropout,
+        )
+    full = not uses_lora(cfg.method) and cfg.method != "adapter"
     trainable = inject.set_trainable(
         model,
         full=full,

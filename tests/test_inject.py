@@ -180,7 +180,7 @@ def test_apply_lora_and_set_trainable_errors(tiny_llama_dir):
         apply_lora(model, target_modules=["q_proj", "query"], r=2, alpha=8.0, dropout=0.0)
     with pytest.raises(ValueError, match="LoRA rank r must be >= 1, got 0"):
         apply_lora(model, target_modules=["q_proj"], r=0, alpha=8.0, dropout=0.0)
-    with pytest.raises(ValueError, match=r"found no LoRA or MSLR parameters.*full=True"):
+    with pytest.raises(ValueError, match=r"found no LoRA, MSLR or bottleneck-adapter parameters.*full=True"):
         set_trainable(model, full=False, train_head=False, head_names=["score"])
     with pytest.raises(ValueError, match=r"head module 'classifier' does not exist in LlamaForSequenceClassification.*'score'"):
         set_trainable(model, full=True, train_head=False, head_names=["classifier"])

@@ -255,15 +255,21 @@ def test_launcher_help_lists_keys():
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("method", ["vanilla", "ga", "lora", "lora_mslr", "ga_lora", "musclelora"])
+@pytest.mark.parametrize("method", ["vanilla", "ga", "lora", "lora_mslr", "ga_lora", "musclelora", "ref_only", "adapter"])
 def test_every_method_trains_the_right_parameters(method, tmp_path, tiny_data_root, tiny_bert_dir):
     metrics = run_training(_config(tmp_path, tiny_bert_dir, tiny_data_root, f"method={method}", "train.max_steps=3", "train.epochs=1"))
     assert metrics["global_steps"] == 3
     names = set(_adapter_tensors(tmp_path / "run"))
     has_mslr = any(n.endswith("pooler.dense.lora_a") for n in names)
     has_lora = any("lora_A" in n for n in names)
-    assert has_mslr == (method in {"lora_mslr", "musclelora"}), sorted(names)[:5]
-    assert has_lora == (method in {"lora", "lora_mslr", "ga_lora", "musclelora"})
+    assert has_mslr == (method in {"lora_mslr", "musclelora", "ref_only"}), sorted(names)[:5]
+    assert has_lora == (method in {"lora", "lora_mslr", "ga_lora", "musclelora", "ref_only"})
+    assert any(".down." in n for n in names) == (method == "adapter")
+    if method == "adapter":  # the saved adapter reloads into a fresh model with the same test predictions
+        from pipeline.inference import evaluate_run
+
+        again = evaluate_run(tmp_path / "run")["splits"]["test"]
+        assert again["cacc"] == metrics["cacc"] and again["asr"] == metrics["asr"]
     steps = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines() if '"step"' in x]
     assert all(("gate" in r) == (method in {"ga", "ga_lora", "musclelora"}) for r in steps)
 

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from pipeline.adapters.bottleneck import BottleneckAdapter
 from pipeline.adapters.mslr import MultiScaleLowRankLinear
 
 logger = logging.getLogger(__name__)
@@ -223,6 +224,8 @@ def _adapter_parameter_ids(model: nn.Module) -> set[int]:
                     ids.update(id(parameter) for parameter in container.parameters())
         elif isinstance(module, MultiScaleLowRankLinear):
             ids.update({id(module.lora_a), id(module.lora_b)})
+        elif isinstance(module, BottleneckAdapter):
+            ids.update(id(parameter) for sub in (module.down, module.up) for parameter in sub.parameters())
     return ids
 
 
@@ -230,7 +233,7 @@ def _wrapped_base_parameter_ids(model: nn.Module) -> set[int]:
     """ids of the frozen base-layer parameters inside LoRA and MSLR layers."""
     ids: set[int] = set()
     for module in model.modules():
-        if isinstance(module, MultiScaleLowRankLinear):
+        if isinstance(module, (MultiScaleLowRankLinear, BottleneckAdapter)):
             ids.update(id(parameter) for parameter in module.base_layer.parameters())
         elif _is_lora_layer(module):
             ids.update(id(parameter) for parameter in module.get_base_layer().parameters())
@@ -275,8 +278,8 @@ def set_trainable(model: nn.Module, *, full: bool, train_head: bool, head_names:
         adapter_ids = _adapter_parameter_ids(model)
         if not adapter_ids:
             raise ValueError(
-                "set_trainable(full=False) found no LoRA or MSLR parameters; call apply_lora and/or "
-                "inject_mslr first, or use full=True for full fine-tuning"
+                "set_trainable(full=False) found no LoRA, MSLR or bottleneck-adapter parameters; call apply_lora, "
+                "inject_mslr or inject_bottleneck first, or use full=True for full fine-tuning"
             )
         head_ids: set[int] = set()
         if train_head:
