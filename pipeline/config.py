@@ -49,7 +49,7 @@ import yaml
 
 logger = logging.getLogger(__name__)
 
-Method = Literal["vanilla", "ga", "lora", "lora_mslr", "ga_lora", "musclelora", "ref_only", "adapter"]
+Method = Literal["vanilla", "ga", "lora", "lora_mslr", "ga_lora", "musclelora", "ref_only", "adapter", "prompt"]
 METHODS: tuple[str, ...] = get_args(Method)
 MINILM_ALIAS = "minilm"
 """Value of ``model.name_or_path`` that selects the embedded all-MiniLM-L6-v2 checkpoint."""
@@ -437,6 +437,15 @@ class BottleneckConfig(_Validated):
 
 
 @dataclass(frozen=True)
+class PromptConfig(_Validated):
+    """Soft-prompt tuning (method ``prompt``, peft PromptTuning): trainable virtual tokens before the input."""
+
+    _prefix: ClassVar[str] = "prompt."
+
+    num_virtual_tokens: int = _field(20, "number of trainable virtual tokens prepended to every input", check=_bounds(gt=0))
+
+
+@dataclass(frozen=True)
 class AnalysisConfig(_Validated):
     """Optional analyses during training (off by default)."""
 
@@ -463,7 +472,8 @@ class RunConfig(_Validated):
         "vanilla / ga: full fine-tuning (ga aligns); lora, lora_mslr, ga_lora, musclelora "
         "(= ga + lora + mslr): adapters; ref_only: musclelora's adapters trained on the clean reference "
         "rows alone (same steps, no alignment): the sanity floor; adapter: bottleneck adapters (Pfeiffer "
-        "placement, adapter.*) as a baseline",
+        "placement, adapter.*) as a baseline; prompt: peft soft-prompt tuning (prompt.*, encoders) as the "
+        "prefix-family baseline",
     )
     seed: int = _field(42, "seed for sampling, initialisation and shuffling", check=_bounds(ge=0, lt=2**32))
     output_dir: str = _field(
@@ -478,6 +488,7 @@ class RunConfig(_Validated):
     align: AlignConfig = _section(AlignConfig, "gradient alignment")
     train: TrainConfig = _section(TrainConfig, "optimisation")
     adapter: BottleneckConfig = _section(BottleneckConfig, "bottleneck adapter baseline")
+    prompt: PromptConfig = _section(PromptConfig, "soft-prompt tuning baseline")
     analysis: AnalysisConfig = _section(AnalysisConfig, "optional analyses")
 
     def _cross_problems(self, values: Mapping[str, Any], bad_keys: set[str]) -> list[_Problem]:
@@ -497,6 +508,7 @@ _SECTIONS: dict[str, type] = {
     "align": AlignConfig,
     "train": TrainConfig,
     "adapter": BottleneckConfig,
+    "prompt": PromptConfig,
     "analysis": AnalysisConfig,
 }
 _TOP_KEYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(RunConfig) if f.name not in _SECTIONS)

@@ -177,13 +177,20 @@ def build_model(cfg: RunConfig, info: modeling.ModelInfo, model_path: Path) -> t
             keep_base=cfg.mslr.keep_base,
         )
         logger.info("MSLR wraps %s (scales %s, alpha %s, rank %d)", wrapped, cfg.mslr.scales, cfg.mslr.alpha, cfg.mslr.rank)
+    if cfg.method == "prompt":
+        if info.is_decoder:
+            raise ConfigError([
+                f"method=prompt: soft prompts are supported for encoders only; {info.model_type} classifiers pool the "
+                "last position, which inputs_embeds with right padding makes a pad token. Use lora or adapter for decoders"
+            ])
+        model = inject.apply_prompt_tuning(model, num_virtual_tokens=cfg.prompt.num_virtual_tokens)
     if cfg.method == "adapter":
         targets = list(cfg.adapter.targets or default_bottleneck_targets(info.model_type))
         inject_bottleneck(
             model, targets=targets, reduction_factor=cfg.adapter.reduction_factor,
             activation=cfg.adapter.activation, dropout=cfg.adapter.dropout,
         )
-    full = not uses_lora(cfg.method) and cfg.method != "adapter"
+    full = not uses_lora(cfg.method) and cfg.method not in ("adapter", "prompt")
     trainable = inject.set_trainable(
         model,
         full=full,

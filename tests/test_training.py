@@ -255,7 +255,7 @@ def test_launcher_help_lists_keys():
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("method", ["vanilla", "ga", "lora", "lora_mslr", "ga_lora", "musclelora", "ref_only", "adapter"])
+@pytest.mark.parametrize("method", ["vanilla", "ga", "lora", "lora_mslr", "ga_lora", "musclelora", "ref_only", "adapter", "prompt"])
 def test_every_method_trains_the_right_parameters(method, tmp_path, tiny_data_root, tiny_bert_dir):
     metrics = run_training(_config(tmp_path, tiny_bert_dir, tiny_data_root, f"method={method}", "train.max_steps=3", "train.epochs=1"))
     assert metrics["global_steps"] == 3
@@ -265,7 +265,8 @@ def test_every_method_trains_the_right_parameters(method, tmp_path, tiny_data_ro
     assert has_mslr == (method in {"lora_mslr", "musclelora", "ref_only"}), sorted(names)[:5]
     assert has_lora == (method in {"lora", "lora_mslr", "ga_lora", "musclelora", "ref_only"})
     assert any(".down." in n for n in names) == (method == "adapter")
-    if method == "adapter":  # the saved adapter reloads into a fresh model with the same test predictions
+    assert any("prompt_encoder" in n for n in names) == (method == "prompt")
+    if method in ("adapter", "prompt"):  # the saved adapter reloads into a fresh model with the same test predictions
         from pipeline.inference import evaluate_run
 
         again = evaluate_run(tmp_path / "run")["splits"]["test"]
@@ -401,3 +402,12 @@ def test_frequency_analysis_is_recorded_and_survives_resume(tmp_path, tiny_data_
     for record in doc["records"]:
         assert set(record) >= {"clean", "backdoor"}
     assert (tmp_path / "run" / "frequency_cache").is_dir()
+
+
+@pytest.mark.integration
+def test_prompt_tuning_on_a_decoder_is_refused_before_writing(tmp_path, tiny_data_root, tiny_llama_dir):
+    from pipeline.config import ConfigError
+
+    with pytest.raises(ConfigError, match="method=prompt: soft prompts are supported for encoders only"):
+        run_training(_config(tmp_path, tiny_llama_dir, tiny_data_root, "method=prompt", "train.max_steps=1"))
+    assert not (tmp_path / "run").exists()

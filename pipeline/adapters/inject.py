@@ -121,6 +121,27 @@ def apply_lora(model: nn.Module, *, target_modules: Sequence[str], r: int, alpha
     return peft_model
 
 
+def apply_prompt_tuning(model: nn.Module, *, num_virtual_tokens: int) -> nn.Module:
+    """Prepend ``num_virtual_tokens`` trainable input embeddings (peft PromptTuning, random init).
+
+    peft's ``SEQ_CLS`` task wraps the classification head in a ``modules_to_save`` copy; whether the
+    head trains is decided afterwards by :func:`set_trainable`, as for LoRA. Prefix tuning proper
+    (peft ``PrefixTuningConfig``) injects per-layer keys and values through ``past_key_values``, which
+    transformers 5's BERT/RoBERTa/Llama sequence classifiers no longer accept (peft raises "Model does
+    not support past key values"), so soft-prompt tuning is the prefix-family baseline here.
+
+    Returns:
+        The ``peft.PeftModel``.
+    """
+    from peft import PromptTuningConfig, get_peft_model
+
+    if num_virtual_tokens < 1:
+        raise ValueError(f"num_virtual_tokens must be >= 1, got {num_virtual_tokens}")
+    peft_model = get_peft_model(model, PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=num_virtual_tokens))
+    logger.info("soft prompt of %d virtual tokens", num_virtual_tokens)
+    return peft_model
+
+
 def inject_mslr(
     model: nn.Module,
     *,
@@ -214,8 +235,11 @@ def inject_mslr(
 
 
 def _adapter_parameter_ids(model: nn.Module) -> set[int]:
-    """ids of LoRA (peft) and MSLR adapter parameters."""
+    """ids of LoRA (peft), soft-prompt (peft), MSLR and bottleneck-adapter parameters."""
     ids: set[int] = set()
+    prompt_encoder = getattr(model, "prompt_encoder", None)
+    if isinstance(prompt_encoder, nn.Module):
+        ids.update(id(parameter) for parameter in prompt_encoder.parameters())
     for module in model.modules():
         if _is_lora_layer(module):
             for layer_name in module.adapter_layer_names:
@@ -279,7 +303,7 @@ def set_trainable(model: nn.Module, *, full: bool, train_head: bool, head_names:
         if not adapter_ids:
             raise ValueError(
                 "set_trainable(full=False) found no LoRA, MSLR or bottleneck-adapter parameters; call apply_lora, "
-                "inject_mslr or inject_bottleneck first, or use full=True for full fine-tuning"
+                "inject_mslr, inject_bottleneck or apply_prompt_tuning first, or use full=True for full fine-tuning"
             )
         head_ids: set[int] = set()
         if train_head:

@@ -97,6 +97,9 @@ def _structure(model: nn.Module) -> dict[str, Any]:
     lora: dict[str, Any] = {}
     if _is_peft_model(model):
         for adapter, config in model.peft_config.items():
+            if not hasattr(config, "target_modules"):  # soft prompt: shapes pin it down
+                lora[adapter] = {"peft_type": str(config.peft_type), "num_virtual_tokens": config.num_virtual_tokens}
+                continue
             targets = config.target_modules
             targets = sorted(targets) if isinstance(targets, (set, list, tuple)) else targets
             lora[adapter] = {"r": config.r, "lora_alpha": config.lora_alpha, "target_modules": targets}
