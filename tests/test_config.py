@@ -495,3 +495,15 @@ def test_authors_configs_match_the_automatic_defaults(name, model_type):
     for key in sorted(AUTO_KEYS - {"adapter.targets"}):  # the bottleneck baseline is not part of the authors' recipe
         assert _get(cfg, key) == _get(auto, key), key
     assert resolve_defaults(cfg, model_type=model_type, hidden_size=768, is_decoder=False).train == auto.train
+
+
+@pytest.mark.parametrize(("name", "model_type"), [("llama2_7b_bf16.yaml", "llama"), ("mistral_7b_bf16.yaml", "mistral"), ("gpt2_xl_bf16.yaml", "gpt2")])
+def test_llm_recipes_are_the_authors_decoder_defaults(name, model_type):
+    cfg = load_config(CONFIG_DIR / name)
+    assert cfg.model.name_or_path.startswith("/path/to/") and cfg.model.dtype == "bfloat16"
+    auto = resolve_defaults(load_config(None, ["model.name_or_path=/x", "model.dtype=bfloat16"]), model_type=model_type,
+                            hidden_size=4096, is_decoder=True)
+    resolved = resolve_defaults(cfg, model_type=model_type, hidden_size=4096, is_decoder=True)
+    for section in ("lora", "mslr", "align"):
+        assert getattr(resolved, section) == getattr(auto, section), section
+    assert (resolved.train.epochs, resolved.train.batch_size, resolved.train.lr) == (5, 16, 1e-5)
