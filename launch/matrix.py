@@ -47,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{len(rows)} finished cells -> {grid.output_root / 'REPORT.md'}")
         return 0
     counts = run_grid(grid, max_cells=args.max_cells, jobs=args.jobs)
-    print(f"cells: {counts['ran']} ran, {counts['skipped']} already finished, {counts['failed']} failed -> {grid.output_root / 'REPORT.md'}")
+    print(f"cells: {counts['ran']} ran, {counts['skipped']} already finished, {counts['failed']} failed, "
+          f"{counts['waiting']} waiting for their source cell -> {grid.output_root / 'REPORT.md'}")
     return 1 if counts["failed"] else 0
 
 

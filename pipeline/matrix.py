@@ -14,6 +14,14 @@ A grid file (YAML) names a base run config and the axes:
     method_overrides: {vanilla: [train.lr=2e-5]}
     cell_overrides:                            # extra overrides where all given keys match
       - {match: {method: musclelora, attack: badnets}, overrides: [analysis.frequency_every_steps=5]}
+    derived:                                   # methods computed from another method's finished cell
+      strip: {from: vanilla}                   # inference-time defences: launch/defend.py on that run
+      onion: {from: vanilla, args: [--lm, /models/gpt2]}
+      bki: {from: vanilla}                     # data filtering: launch/filter_data.py on that run, then
+      cube: {from: vanilla}                    # the source method retrained on the kept rows
+
+A derived cell waits (is skipped, and picked up by the next run) until its source cell of the same
+dataset, model, attack and seed has finished.
 
 Each cell is one ``launch/train.py`` process writing ``<output_root>/cells/<dataset>/<model>/<attack>/<method>/seed<seed>``.
 A cell with ``metrics.json`` is finished and skipped; a cell with a complete checkpoint resumes
@@ -52,8 +60,10 @@ logger = logging.getLogger(__name__)
 
 _GRID_KEYS = {
     "base_config", "output_root", "datasets", "models", "attacks", "methods", "seeds", "method_seeds",
-    "overrides", "method_overrides", "cell_overrides", "title", "notes",
+    "overrides", "method_overrides", "cell_overrides", "title", "notes", "derived",
 }
+DEFENSES = ("strip", "onion")
+FILTERS = ("bki", "cube")
 CSV_FIELDS = (
     "dataset", "model", "attack", "method", "seed", "cacc", "asr", "clean_fpr", "asr_minus_clean_fpr",
     "best_epoch", "dev_clean_acc", "global_steps", "train_seconds", "wall_seconds", "peak_memory_mb",
@@ -71,6 +81,8 @@ class Cell:
     method: str
     seed: int
     overrides: tuple[str, ...]
+    source: str | None = None
+    derived_args: tuple[str, ...] = ()
 
     @property
     def key(self) -> str:
@@ -148,6 +160,20 @@ def load_grid(path: str | os.PathLike[str]) -> Grid:
         for method in mapping:
             if method not in axes["methods"]:
                 problems.append(f"{path}: {name} names {method!r}, which is not in methods {axes['methods']}")
+    derived = raw.get("derived") or {}
+    if not isinstance(derived, dict):
+        problems.append(f"{path}: derived must map method -> {{from: method, args: [...]}}")
+        derived = {}
+    for method, spec in derived.items():
+        if method not in (*DEFENSES, *FILTERS):
+            problems.append(f"{path}: derived method {method!r} is unknown; derived methods are {[*DEFENSES, *FILTERS]}")
+        elif not isinstance(spec, dict) or spec.get("from") not in axes["methods"] or set(spec) - {"from", "args"}:
+            problems.append(f"{path}: derived.{method} must be {{from: <a method of this grid>, args: [...]}}, got {spec!r}")
+        elif method not in axes["methods"]:
+            problems.append(f"{path}: derived method {method!r} must also be listed in methods")
+    for method in axes["methods"]:
+        if method in (*DEFENSES, *FILTERS) and method not in derived:
+            problems.append(f"{path}: method {method!r} is a derived method; add derived: {{{method}: {{from: vanilla}}}}")
     cell_overrides = _as_list(raw.get("cell_overrides"), "cell_overrides", path, problems)
     for i, rule in enumerate(cell_overrides):
         if not isinstance(rule, dict) or set(rule) != {"match", "overrides"}:
@@ -173,7 +199,14 @@ def load_grid(path: str | os.PathLike[str]) -> Grid:
             for rule in cell_overrides:
                 if all(values.get(k) == v for k, v in rule["match"].items()):
                     extra += [str(o) for o in rule["overrides"]]
-            cells.append(Cell(str(dataset or "default"), str(model or "default"), str(attack), str(method), int(seed), tuple(extra)))
+            spec = derived.get(method)
+            if spec:  # a derived cell takes its source method's overrides (the retrained model is that method)
+                source = spec["from"]
+                extra = list(common) + [str(o) for o in method_overrides.get(source, [])]
+                cells.append(Cell(str(dataset or "default"), str(model or "default"), str(attack), str(method), int(seed),
+                                  tuple(extra), source=source, derived_args=tuple(str(a) for a in spec.get("args") or [])))
+            else:
+                cells.append(Cell(str(dataset or "default"), str(model or "default"), str(attack), str(method), int(seed), tuple(extra)))
     return Grid(
         path=path, base_config=base, output_root=output_root, cells=tuple(cells),
         title=str(raw.get("title", "Robustness matrix")), notes=str(raw.get("notes", "")),
@@ -207,6 +240,47 @@ def cell_command(grid: Grid, cell: Cell, run_dir: Path, *, resume: bool, python:
     return args + axes + list(cell.overrides) + (["resume=true"] if resume else [])
 
 
+def source_cell(cell: Cell) -> Cell:
+    """The cell a derived cell is computed from (same dataset, model, attack, seed)."""
+    assert cell.source is not None
+    return Cell(cell.dataset, cell.model, cell.attack, cell.source, cell.seed, cell.overrides)
+
+
+def derived_commands(grid: Grid, cell: Cell, run_dir: Path, *, python: str = sys.executable) -> list[list[str]]:
+    """Commands of a derived cell: the defence / filter on the source run (then the retraining)."""
+    repo = Path(__file__).resolve().parents[1]
+    source_dir = cell_dir(grid, source_cell(cell))
+    if cell.method in DEFENSES:
+        return [[python, str(repo / "launch" / "defend.py"), str(source_dir), "--defense", cell.method,
+                 "--out", str(run_dir / "defense.json"), *cell.derived_args]]
+    data_root = run_dir / "data"
+    retrain = Cell(cell.dataset, cell.model, cell.attack, cell.source or "vanilla", cell.seed, cell.overrides)
+    return [
+        [python, str(repo / "launch" / "filter_data.py"), str(source_dir), "--method", cell.method,
+         "--out-root", str(data_root), "--overwrite", *cell.derived_args],
+        cell_command(grid, retrain, run_dir / "run", resume=False, python=python) + [f"data.root={data_root}"],
+    ]
+
+
+def finish_derived(cell: Cell, run_dir: Path) -> None:
+    """Write the derived cell's metrics.json (method renamed) from the defence or retraining output."""
+    if cell.method in DEFENSES:
+        result = json.loads((run_dir / "defense.json").read_text())
+        metrics = {
+            "method": cell.method, "attack": cell.attack, "seed": cell.seed, "source_method": cell.source,
+            "cacc": result["cacc"], "asr": result["asr"], "clean_fpr": result["clean_fpr"],
+            "asr_minus_clean_fpr": result["asr"] - result["clean_fpr"], "best_epoch": None, "history": [],
+            "train_seconds": 0.0, "peak_memory_mb": result.get("peak_memory_mb"), "trainable_parameters": 0,
+            "defense": result,
+        }
+    else:
+        metrics = json.loads((run_dir / "run" / "metrics.json").read_text())
+        report_files = sorted((run_dir / "data").glob("**/filter-report.json"))
+        metrics.update(method=cell.method, source_method=cell.source,
+                       filter_report=json.loads(report_files[0].read_text()) if report_files else None)
+    ckpt.atomic_write_json(run_dir / "metrics.json", metrics)
+
+
 def run_grid(
     grid: Grid,
     *,
@@ -229,7 +303,7 @@ def run_grid(
     Returns:
         Counts of cells by outcome (``skipped``, ``ran``, ``failed``).
     """
-    counts = {"skipped": 0, "ran": 0, "failed": 0}
+    counts = {"skipped": 0, "ran": 0, "failed": 0, "waiting": 0}
     logs = grid.output_root / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     run = runner or _subprocess_runner
@@ -244,6 +318,9 @@ def run_grid(
 
     def run_one(index: int, cell: Cell, state: str) -> None:
         run_dir = cell_dir(grid, cell)
+        if cell.source is not None:
+            run_derived(index, cell, run_dir)
+            return
         if state == "stale":
             logger.warning("cell %s: removing an unfinished directory with no checkpoint", cell.key)
             shutil.rmtree(run_dir)
@@ -261,6 +338,36 @@ def run_grid(
             else:
                 counts["failed"] += 1
                 logger.error("cell %s failed (exit %s); see %s", cell.key, code, log_file)
+            write_outputs(grid)
+
+    def run_derived(index: int, cell: Cell, run_dir: Path) -> None:
+        if cell_state(cell_dir(grid, source_cell(cell))) != "finished":
+            with lock:
+                counts["waiting"] += 1
+            logger.info("[%d/%d] %s waits for %s", index, len(grid.cells), cell.key, source_cell(cell).key)
+            return
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True)
+        log_file = logs / (cell.key.replace("/", "__") + ".log")
+        logger.info("[%d/%d] run %s (from %s)", index, len(grid.cells), cell.key, cell.source)
+        started = time.perf_counter()
+        code = 0
+        for command in derived_commands(grid, cell, run_dir, python=python):
+            code = run(command, log_file, dict(env or os.environ))
+            if code != 0:
+                break
+        wall = time.perf_counter() - started
+        with lock:
+            try:
+                if code != 0:
+                    raise RuntimeError(f"exit {code}")
+                finish_derived(cell, run_dir)
+                ckpt.atomic_write_json(run_dir / "cell.json", {"wall_seconds": wall})
+                counts["ran"] += 1
+            except (RuntimeError, OSError, KeyError, ValueError) as error:
+                counts["failed"] += 1
+                logger.error("cell %s failed (%s); see %s", cell.key, error, log_file)
             write_outputs(grid)
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:

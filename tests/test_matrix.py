@@ -86,9 +86,9 @@ def test_bookkeeping_skips_finished_resumes_checkpointed_and_restarts_stale(tmp_
         return 0
 
     counts = run_grid(grid, runner=fake_runner)
-    assert counts == {"skipped": 1, "ran": 3, "failed": 0}
+    assert counts == {"skipped": 1, "ran": 3, "failed": 0, "waiting": 0}
     assert [c[-1] == "resume=true" for c in seen] == [True, False, False]
-    assert run_grid(grid, runner=fake_runner) == {"skipped": 4, "ran": 0, "failed": 0}
+    assert run_grid(grid, runner=fake_runner) == {"skipped": 4, "ran": 0, "failed": 0, "waiting": 0}
     rows = list(csv.DictReader(io.StringIO((tmp_path / "out" / "results.csv").read_text())))
     assert [r["method"] for r in rows] == ["a", "b", "c", "d"]
 
@@ -162,5 +162,70 @@ def test_parallel_jobs_run_every_cell_once(tmp_path):
             active[0] -= 1
         return 0
 
-    assert run_grid(grid, runner=fake_runner, jobs=2) == {"skipped": 0, "ran": 6, "failed": 0}
+    assert run_grid(grid, runner=fake_runner, jobs=2) == {"skipped": 0, "ran": 6, "failed": 0, "waiting": 0}
     assert len(set(seen)) == 6 and peak[0] == 2
+
+
+def test_derived_cells_wait_for_their_source_then_run_defence_and_filter(tmp_path):
+    grid = load_grid(_grid_file(tmp_path, f"""
+output_root: {tmp_path / 'out'}
+attacks: [badnets]
+methods: [vanilla, strip, bki]
+method_overrides: {{vanilla: [train.lr=2e-5]}}
+derived: {{strip: {{from: vanilla}}, bki: {{from: vanilla}}}}
+"""))
+    by = {c.method: c for c in grid.cells}
+    assert by["strip"].source == "vanilla" and by["bki"].overrides == ("train.lr=2e-5",)
+    commands = []
+
+    def runner(command, log_file, env):
+        commands.append(command)
+        script = Path(command[1]).name
+        if script == "train.py":
+            out = Path(next(a for a in command if a.startswith("output_dir=")).split("=", 1)[1])
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "metrics.json").write_text(json.dumps({"method": "vanilla", "cacc": 90.0, "asr": 50.0, "clean_fpr": 5.0,
+                                                          "history": [], "train_seconds": 1.0, "peak_memory_mb": 1.0,
+                                                          "trainable_parameters": 9}))
+        elif script == "defend.py":
+            out = Path(command[command.index("--out") + 1])
+            out.write_text(json.dumps({"cacc": 88.0, "asr": 20.0, "clean_fpr": 6.0}))
+        elif script == "filter_data.py":
+            root = Path(command[command.index("--out-root") + 1])
+            (root / "x").mkdir(parents=True)
+            (root / "x" / "filter-report.json").write_text(json.dumps({"removed": 3}))
+        return 0
+
+    counts = run_grid(grid, runner=runner, jobs=1)
+    assert counts == {"skipped": 0, "ran": 3, "failed": 0, "waiting": 0}
+    strip = json.loads((cell_dir(grid, by["strip"]) / "metrics.json").read_text())
+    assert (strip["method"], strip["cacc"], strip["asr"], strip["source_method"]) == ("strip", 88.0, 20.0, "vanilla")
+    bki = json.loads((cell_dir(grid, by["bki"]) / "metrics.json").read_text())
+    assert bki["method"] == "bki" and bki["filter_report"] == {"removed": 3}
+    retrain = commands[-1]
+    assert Path(retrain[1]).name == "train.py" and "method=vanilla" in retrain and "train.lr=2e-5" in retrain
+    assert any(a.startswith("data.root=") and a.endswith("/data") for a in retrain)
+
+
+def test_derived_cell_without_its_source_waits(tmp_path):
+    grid = load_grid(_grid_file(tmp_path, f"""
+output_root: {tmp_path / 'out'}
+attacks: [badnets]
+methods: [vanilla, strip]
+derived: {{strip: {{from: vanilla}}}}
+"""))
+    failing = {"n": 0}
+
+    def runner(command, log_file, env):
+        failing["n"] += 1
+        return 1  # the vanilla cell fails, so strip must wait, not run
+
+    counts = run_grid(grid, runner=runner)
+    assert counts == {"skipped": 0, "ran": 0, "failed": 1, "waiting": 1} and failing["n"] == 1
+
+
+def test_derived_method_errors(tmp_path):
+    with pytest.raises(ConfigError, match="'strip' is a derived method"):
+        load_grid(_grid_file(tmp_path, "attacks: [badnets]\nmethods: [vanilla, strip]\n"))
+    with pytest.raises(ConfigError, match="derived.strip must be"):
+        load_grid(_grid_file(tmp_path, "attacks: [badnets]\nmethods: [vanilla, strip]\nderived: {strip: {from: lora}}\n"))
