@@ -252,6 +252,25 @@ class ModelConfig(_Validated):
     llm_head_dropout: float = _field(
         0.1, "decoders: dropout between the two head layers", check=_bounds(ge=0, lt=1)
     )
+    quantization: Literal["none", "nf4", "fp4", "int8"] = _field(
+        "none",
+        "frozen backbone linears through bitsandbytes (needs pip install -e '.[quant]'): nf4 / fp4 = 4-bit "
+        "(QLoRA), int8 = LLM.int8; the classification head stays unquantized; adapter methods only",
+    )
+    double_quant: bool = _field(True, "4-bit: also quantize the per-block scales (saves about 0.4 bits per weight)")
+    quant_storage: Literal["auto", "uint8", "float32", "bfloat16", "float16"] = _field(
+        "auto",
+        "4-bit: dtype that stores the packed codes; auto = model.dtype, which DeepSpeed needs (ZeRO-3 "
+        "shards only parameters of the model dtype, and bf16/fp16 runs cast every floating parameter)",
+    )
+    prepare_kbit: bool = _field(
+        True,
+        "quantized base: peft prepare_model_for_kbit_training (non-quantized weights, head included, cast to "
+        "float32 for stable training)",
+    )
+    gradient_checkpointing: bool = _field(
+        False, "recompute backbone activations in backward (non-reentrant): less memory, about 30% more compute"
+    )
 
 
 @dataclass(frozen=True)

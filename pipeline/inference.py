@@ -170,7 +170,7 @@ def _rebuild(
     # run_training seeds right before build_model; forking keeps the caller's RNG state untouched.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        tokenizer, model, _ = build_model(cfg, info, model_path)
+        tokenizer, model, _ = build_model(cfg, info, model_path, device)
     try:
         load_adapter(model, adapter_dir)
     except (ValueError, FileNotFoundError) as error:
@@ -178,7 +178,8 @@ def _rebuild(
             f"the adapter in {adapter_dir} does not fit the model that {adapter_dir.parent / CONFIG_FILE} "
             f"builds (method={cfg.method}, model={cfg.model.name_or_path}): {error}"
         ) from error
-    model.to(device)
+    if cfg.model.quantization == "none":  # quantized bases are placed by their loader
+        model.to(device)
     model.eval()
     return tokenizer, model
 

