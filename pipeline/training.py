@@ -296,6 +296,15 @@ def dataset_fingerprint(dataset: Any) -> str:
     return digest.hexdigest()
 
 
+def _brief(value: Any) -> str:
+    """Compact text of a log value: floats to 4 significant digits, also inside dicts."""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, Mapping):
+        return "{" + ",".join(f"{k}:{_brief(v)}" for k, v in value.items()) + "}"
+    return str(value)
+
+
 def _append_log(path: Path, record: Mapping[str, Any]) -> None:
     with path.open("a") as handle:
         handle.write(json.dumps(record) + "\n")
@@ -768,7 +777,7 @@ def _train_and_evaluate(
                 measure_frequency(progress["global_step"], epoch)
             if progress["global_step"] % cfg.train.log_every_steps == 0:
                 logger.info("epoch %d step %d loss %.4f %s", epoch, progress["global_step"], train_loss,
-                            " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+                            " ".join(f"{k}={_brief(v)}" for k, v in record.items()))
             if progress["global_step"] >= total_steps:
                 done = True
                 break
