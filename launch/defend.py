@@ -29,7 +29,6 @@ directory, a missing language model or missing data.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import sys
@@ -40,43 +39,11 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # allow running from a checkout without installing
     sys.path.insert(0, str(REPO))
 
+from launch._cli import emit_json, fraction_up_to_one, open_fraction, positive_int, sample_count  # noqa: E402
+
 _METRIC_KEYS = ("cacc", "asr", "clean_fpr", "asr_minus_clean_fpr")
 _DETECTION_KEYS = ("calibration_frr", "tpr", "fpr")
 _ONION_KEYS = ("changed_clean", "changed_poison")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _sample_count(text: str) -> int | str:
-    return "all" if text == "all" else _positive_int(text)
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}") from None
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {value}")
-    return value
-
-
-def _replace_ratio(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {value}")
-    return value
 
 
 def _threshold(text: str) -> float | str:
@@ -97,22 +64,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--defense", required=True, choices=["strip", "onion"], help="inference-time defence")
     parser.add_argument("--data-root", type=Path, default=None,
                         help="poison_data folder (default: the run's data.root, relative to the current directory)")
-    parser.add_argument("--max-eval-samples", type=_sample_count, default=None, metavar="N|all",
+    parser.add_argument("--max-eval-samples", type=sample_count, default=None, metavar="N|all",
                         help="test rows per split, a seeded subset as in training (default: the run's data.max_eval_samples)")
-    parser.add_argument("--held-out-samples", type=_sample_count, default="all", metavar="N|all",
+    parser.add_argument("--held-out-samples", type=sample_count, default="all", metavar="N|all",
                         help="dev-clean selection rows the defender uses besides the reference rows (default: all)")
     parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
-    parser.add_argument("--batch-size", type=_positive_int, default=None,
+    parser.add_argument("--batch-size", type=positive_int, default=None,
                         help="classifier batch size (default: the run's train.eval_batch_size)")
     parser.add_argument("--out", type=Path, default=None, metavar="FILE", help="also write the JSON to FILE (atomically)")
     parser.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                         help="log level on stderr (default: WARNING)")
     strip = parser.add_argument_group("STRIP")
-    strip.add_argument("--num-perturbations", type=_positive_int, default=5,
+    strip.add_argument("--num-perturbations", type=positive_int, default=5,
                        help="perturbed copies per input (default: 5, the MuScleLoRA authors'; STRIP paper: 100)")
-    strip.add_argument("--replace-ratio", type=_replace_ratio, default=0.25,
+    strip.add_argument("--replace-ratio", type=fraction_up_to_one, default=0.25,
                        help="share of words replaced per copy, in (0, 1] (default: 0.25, the authors')")
-    strip.add_argument("--frr", type=_fraction, default=0.01,
+    strip.add_argument("--frr", type=open_fraction, default=0.01,
                        help="false rejection rate on dev-clean that sets the threshold (default: 0.01)")
     strip.add_argument("--calibration", choices=["quantile", "normal"], default="quantile",
                        help="threshold rule: empirical quantile (default, OpenBackdoor) or normal fit (STRIP paper)")
@@ -124,10 +91,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     onion.add_argument("--threshold", type=_threshold, default=0.0, metavar="T|auto",
                        help="remove words with suspicion > T (default: 0, the authors'); auto: the smallest of "
                             "0..100 keeping dev-clean accuracy within --max-drop")
-    onion.add_argument("--max-drop", type=_fraction, default=0.02,
+    onion.add_argument("--max-drop", type=open_fraction, default=0.02,
                        help="tolerated dev-clean accuracy drop for --threshold auto, a fraction (default: 0.02)")
-    onion.add_argument("--lm-batch-size", type=_positive_int, default=32, help="sequences per LM forward pass (default: 32)")
-    onion.add_argument("--lm-max-length", type=_positive_int, default=None,
+    onion.add_argument("--lm-batch-size", type=positive_int, default=32, help="sequences per LM forward pass (default: 32)")
+    onion.add_argument("--lm-max-length", type=positive_int, default=None,
                        help="LM truncation in tokens (default: the LM's position limit)")
     args = parser.parse_args(argv)
     if args.defense == "onion" and args.lm is None:
@@ -246,7 +213,6 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("httpx", "urllib3", "datasets", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
-    from pipeline.checkpoint import atomic_write_json
     from pipeline.config import ConfigError
     from pipeline.data import DataError
     from pipeline.inference import EvaluationError
@@ -256,14 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     except (EvaluationError, DataError, ConfigError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if args.out is not None:
-        try:
-            atomic_write_json(args.out, report)
-        except OSError as err:
-            print(f"error: cannot write --out {args.out}: {err}", file=sys.stderr)
-            return 2
-    print(json.dumps(report, indent=2, sort_keys=True))
-    return 0
+    return emit_json(report, args.out)
 
 
 if __name__ == "__main__":

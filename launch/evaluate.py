@@ -18,7 +18,6 @@ unfinished or unusable run directory, or missing data.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -27,19 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # allow running from a checkout without installing
     sys.path.insert(0, str(REPO))
 
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _sample_count(text: str) -> int | str:
-    return "all" if text == "all" else _positive_int(text)
+from launch._cli import emit_json, positive_int, sample_count  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -52,10 +39,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--attack", default=None, help="attack folder, e.g. addsent (default: the run's)")
     parser.add_argument("--data-root", type=Path, default=None,
                         help="poison_data folder (default: the run's data.root, relative to the current directory)")
-    parser.add_argument("--max-eval-samples", type=_sample_count, default=None, metavar="N|all",
+    parser.add_argument("--max-eval-samples", type=sample_count, default=None, metavar="N|all",
                         help="rows per split, a seeded subset as in training (default: the run's data.max_eval_samples)")
     parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
-    parser.add_argument("--batch-size", type=_positive_int, default=None,
+    parser.add_argument("--batch-size", type=positive_int, default=None,
                         help="evaluation batch size (default: the run's train.eval_batch_size; another value may "
                              "change predictions by rounding)")
     parser.add_argument("--out", type=Path, default=None, metavar="FILE", help="also write the JSON to FILE (atomically)")
@@ -70,7 +57,6 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("httpx", "urllib3", "datasets", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
-    from pipeline.checkpoint import atomic_write_json
     from pipeline.config import ConfigError
     from pipeline.data import DataError
     from pipeline.inference import EvaluationError, evaluate_run
@@ -90,14 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     except (EvaluationError, DataError, ConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if args.out is not None:
-        try:
-            atomic_write_json(args.out, result)
-        except OSError as err:
-            print(f"error: cannot write --out {args.out}: {err}", file=sys.stderr)
-            return 2
-    print(json.dumps(result, indent=2, sort_keys=True))
-    return 0
+    return emit_json(result, args.out)
 
 
 if __name__ == "__main__":

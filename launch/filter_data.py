@@ -36,27 +36,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # allow running from a checkout without installing
     sys.path.insert(0, str(REPO))
 
+from launch._cli import fraction_up_to_one, positive_int  # noqa: E402
+
 REPORT_FILE = "filter-report.json"
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _share(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {value}")
-    return value
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -67,25 +49,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rows", choices=["run", "all"], default="run",
                         help="run: the rows the run trained on (its max_train_samples subset); all: the whole training file")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where the model runs (default: auto)")
-    parser.add_argument("--batch-size", type=_positive_int, default=64, help="texts per forward pass (default: 64)")
-    parser.add_argument("--max-length", type=_positive_int, default=None, help="truncation length (default: the run's data.max_length)")
+    parser.add_argument("--batch-size", type=positive_int, default=64, help="texts per forward pass (default: 64)")
+    parser.add_argument("--max-length", type=positive_int, default=None, help="truncation length (default: the run's data.max_length)")
     parser.add_argument("--pooling", choices=["auto", "first", "last"], default="auto",
                         help="representation token: first (encoders), last non-pad (decoders); auto picks by model family")
     parser.add_argument("--overwrite", action="store_true", help="replace existing files under --out-root")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     bki = parser.add_argument_group("BKI")
-    bki.add_argument("--top-p", type=_positive_int, default=5, help="keywords kept per sentence (default: 5, the authors')")
-    bki.add_argument("--num-keywords", type=_positive_int, default=1, help="backdoor keywords taken (default: 1)")
+    bki.add_argument("--top-p", type=positive_int, default=5, help="keywords kept per sentence (default: 5, the authors')")
+    bki.add_argument("--num-keywords", type=positive_int, default=1, help="backdoor keywords taken (default: 1)")
     bki.add_argument("--bki-rule", choices=["top_p", "contains"], default="top_p",
                      help="remove rows whose top-p keywords include a backdoor keyword (top_p, the authors') or that contain it")
     cube = parser.add_argument_group("CUBE")
     cube.add_argument("--reducer", choices=["tsne", "pca"], default="tsne", help="stand-in for UMAP (default: tsne = PCA then t-SNE)")
-    cube.add_argument("--reduce-to", type=_positive_int, default=2, help="dimension after reduction (default: 2; <= 3 for tsne)")
-    cube.add_argument("--pca-components", type=_positive_int, default=20, help="PCA dimension before t-SNE (default: 20)")
-    cube.add_argument("--min-cluster-size", type=_positive_int, default=5, help="HDBSCAN min_cluster_size (default: 5)")
-    cube.add_argument("--min-samples", type=_positive_int, default=100, help="HDBSCAN min_samples (default: 100, the reference)")
+    cube.add_argument("--reduce-to", type=positive_int, default=2, help="dimension after reduction (default: 2; <= 3 for tsne)")
+    cube.add_argument("--pca-components", type=positive_int, default=20, help="PCA dimension before t-SNE (default: 20)")
+    cube.add_argument("--min-cluster-size", type=positive_int, default=5, help="HDBSCAN min_cluster_size (default: 5)")
+    cube.add_argument("--min-samples", type=positive_int, default=100, help="HDBSCAN min_samples (default: 100, the reference)")
     cube.add_argument("--noise", choices=["group", "keep"], default="group", help="HDBSCAN noise: one more group (reference) or always kept")
-    cube.add_argument("--drop-share", type=_share, default=0.5, help="remove minority groups below this share of their label (default: 0.5)")
+    cube.add_argument("--drop-share", type=fraction_up_to_one, default=0.5, help="remove minority groups below this share of their label (default: 0.5)")
     cube.add_argument("--seed", type=int, default=None, help="seed of the reduction (default: the run's seed)")
     args = parser.parse_args(argv)
     if args.method == "cube" and args.reducer == "tsne" and args.reduce_to > 3:
