@@ -693,7 +693,18 @@ def current_rss_bytes() -> int:
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process (``ru_maxrss``: KiB on Linux, bytes on macOS)."""
+    """Peak resident set size of this process.
+
+    ``VmHWM`` from ``/proc/self/status`` where it exists: it belongs to this process's address space and
+    ``reset_peak_rss`` resets it. ``getrusage``'s ``ru_maxrss`` is only the fallback (macOS): on Linux it
+    also keeps the high-water mark of the address space the process had before ``exec`` - a child a
+    large parent forks inherits the parent's peak, which would hide every smaller peak of the child.
+    """
+    status = Path("/proc/self/status")
+    if status.exists():
+        match = re.search(r"^VmHWM:\s+(\d+)\s+kB", status.read_text(), re.MULTILINE)
+        if match:
+            return int(match.group(1)) * 1024
     value = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(value) if sys.platform == "darwin" else int(value) * 1024
 

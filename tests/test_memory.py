@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
+import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -266,6 +268,25 @@ def test_measure_peak_sees_a_temporary_tensor() -> None:
 
     measured = memory.measure_peak(work)
     assert 44 * MIB <= measured <= 80 * MIB
+
+
+def test_child_of_a_large_parent_sees_its_own_peak() -> None:
+    """Regression (CI): ``ru_maxrss`` of a child keeps the peak of the parent it was forked from.
+
+    The benchmark workers run in subprocesses of a pytest process that can hold hundreds of MiB; the
+    child's peak must be its own, or every phase measures as the parent's size.
+    """
+    ballast = torch.ones(384 * MIB // 4)  # 384 MiB resident in this (parent) process
+    code = (
+        "import torch; from pipeline import memory\n"
+        "print(memory.peak_rss_bytes(), memory.measure_peak(lambda: torch.ones(32 * 2**20 // 4).sum()))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    peak, added = (int(v) for v in out.stdout.split())
+    del ballast
+    assert peak < 384 * MIB, peak  # a fresh interpreter with torch is ~250 MiB, not parent-sized
+    assert 24 * MIB <= added <= 64 * MIB, added
 
 
 @pytest.fixture(scope="module")
