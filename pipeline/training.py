@@ -24,7 +24,6 @@ import json
 import logging
 import math
 import os
-import resource
 import shutil
 import sys
 import time
@@ -43,6 +42,7 @@ from transformers import get_linear_schedule_with_warmup
 from pipeline import checkpoint as ckpt
 from pipeline import distributed as dist
 from pipeline import frequency
+from pipeline import memory
 from pipeline.adapters import inject
 from pipeline.adapters.bottleneck import default_bottleneck_targets, inject_bottleneck
 from pipeline.adapters.state import adapter_tensor_names, load_adapter, save_adapter
@@ -326,8 +326,69 @@ def peak_memory_mb(device: torch.device) -> float:
     """Peak memory of this process: CUDA allocator peak on GPU, peak RSS on CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return kb / 1024 if sys.platform != "darwin" else kb / 2**20
+    return memory.peak_rss_bytes() / 2**20
+
+
+def memory_baseline_mb(device: torch.device) -> float:
+    """Memory in use before the model is loaded: CUDA allocated bytes, or this process's RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device) / 2**20
+    return memory.current_rss_bytes() / 2**20
+
+
+def _logical_numel(p: torch.Tensor) -> int:
+    """Elements a parameter stands for: bitsandbytes packs 4-bit weights, ZeRO-3 empties partitioned ones."""
+    quant_state = getattr(p, "quant_state", None)
+    if quant_state is not None and getattr(quant_state, "shape", None) is not None:
+        return math.prod(quant_state.shape)
+    return int(getattr(p, "ds_numel", p.numel()))
+
+
+def plan_memory(
+    cfg: RunConfig,
+    info: modeling.ModelInfo,
+    model_path: Path,
+    model: nn.Module,
+    loaders: Loaders,
+    runtime: dist.Runtime,
+    ds_config: Mapping[str, Any] | None,
+) -> memory.MemoryEstimate:
+    """Estimated peak memory per device of this run (``pipeline.memory``), before any training step.
+
+    The sequence length is the longest tokenised training or reference row (batches are padded to
+    their longest row, so this bounds every batch); the micro-batch is the per-rank share of
+    ``train.batch_size``.
+    """
+    from transformers import AutoConfig
+
+    shape = memory.model_shape_info(
+        AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code, local_files_only=True),
+        num_labels=cfg.model.num_labels, is_decoder=info.is_decoder, llm_head_dim=cfg.model.llm_head_dim,
+    )
+    trainable = sum(_logical_numel(p) for p in model.parameters() if p.requires_grad)
+    total = sum(_logical_numel(p) for p in model.parameters())
+    seq_len = max((len(ids) for ds in (loaders.train, loaders.reference) for ids in ds["input_ids"]), default=1)
+    zero = dist.zero_stage(ds_config) if ds_config is not None else 0
+    return memory.estimate_peak_memory(
+        num_parameters=max(total, shape.num_parameters),
+        trainable_parameters=trainable,
+        seq_len=seq_len,
+        micro_batch_size=math.ceil(cfg.train.batch_size / runtime.world_size),
+        dtype_bytes=torch.finfo(_DTYPES[cfg.model.dtype]).bits // 8,
+        quantization=cfg.model.quantization,
+        zero_stage=zero,
+        world_size=runtime.world_size,
+        offload_optimizer=ds_config is not None and dist.offloads_optimizer(ds_config),
+        offload_param=ds_config is not None and dist.offloads_parameters(ds_config),
+        gradient_checkpointing=cfg.model.gradient_checkpointing,
+        alignment=uses_alignment(cfg.method),
+        full_finetune=cfg.method in ("vanilla", "ga"),
+        device="cuda" if runtime.device.type == "cuda" else "cpu",
+        double_quant=cfg.model.double_quant,
+        grad_accum_steps=cfg.train.grad_accum_steps,
+        num_labels=cfg.model.num_labels,
+        **shape.estimate_kwargs(),
+    )
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -557,6 +618,7 @@ def _run(cfg: RunConfig, runtime: dist.Runtime, ds_raw: Mapping[str, Any] | None
         {"test_clean": evaluation.test_clean, "test_poison": evaluation.test_poison},
     )
     torch.manual_seed(cfg.seed)
+    baseline_mb = memory_baseline_mb(runtime.device)
     tokenizer, model, trainable_names = build_model(cfg, info, model_path, runtime.device)
     if cfg.model.quantization == "none":  # quantized bases are placed by their loader
         model.to(runtime.device)
@@ -567,6 +629,7 @@ def _run(cfg: RunConfig, runtime: dist.Runtime, ds_raw: Mapping[str, Any] | None
         n_ref = len(loaders.reference)
         loaders = dataclasses.replace(loaders, train=loaders.reference.select([i % n_ref for i in range(len(loaders.train))]))
         logger.info("ref_only: training on the %d clean reference rows, cycled to %d rows per epoch", n_ref, len(loaders.train))
+    estimate = plan_memory(cfg, info, model_path, model, loaders, runtime, ds_config)
 
     # Everything validated: from here on rank 0 writes files.
     handler = None
@@ -579,7 +642,8 @@ def _run(cfg: RunConfig, runtime: dist.Runtime, ds_raw: Mapping[str, Any] | None
     dist.barrier(runtime)
     try:
         return _train_and_evaluate(
-            cfg, info, model, trainable_names, loaders, output_dir, runtime, resuming, overlap, paths, ds_config
+            cfg, info, model, trainable_names, loaders, output_dir, runtime, resuming, overlap, paths, ds_config,
+            (estimate, baseline_mb),
         )
     finally:
         if handler is not None:
@@ -621,6 +685,7 @@ def _train_and_evaluate(
     overlap: Any,
     paths: data_lib.SplitPaths,
     ds_config: Mapping[str, Any] | None,
+    memory_plan: tuple[memory.MemoryEstimate, float],
 ) -> dict[str, Any]:
     main = runtime.is_main
     resolved = config_to_dict(cfg)
@@ -639,6 +704,7 @@ def _train_and_evaluate(
         cfg.method, cfg.model.name_or_path, info.model_type, n_trainable, n_total, 100 * n_trainable / n_total,
         runtime.backend, runtime.world_size, f", ZeRO stage {dist.zero_stage(ds_config)}" if ds_config else "",
     )
+    logger.info("%s", memory_plan[0].describe())
 
     log_path = output_dir / _LOG_FILE
     checkpoint_dir = output_dir / _CHECKPOINT_DIR
@@ -824,7 +890,8 @@ def _train_and_evaluate(
     dist.barrier(runtime)
     engine.load_parameters(ckpt.load_tensors(checkpoint_dir / _BEST_FILE))
     return _final_evaluation(
-        cfg, info, engine, loaders, output_dir, progress, train_seconds, n_trainable, overlap, paths, ds_config
+        cfg, info, engine, loaders, output_dir, progress, train_seconds, n_trainable, overlap, paths, ds_config,
+        memory_plan,
     )
 
 
@@ -840,6 +907,7 @@ def _final_evaluation(
     overlap: Any,
     paths: data_lib.SplitPaths,
     ds_config: Mapping[str, Any] | None,
+    memory_plan: tuple[memory.MemoryEstimate, float],
 ) -> dict[str, Any]:
     runtime = engine.runtime
     device = runtime.device
@@ -871,6 +939,10 @@ def _final_evaluation(
         "samples_per_second": progress["samples_seen"] / max(train_seconds, 1e-9),
         "peak_memory_mb": peak_memory_mb(device),
         "peak_memory_kind": "cuda_max_allocated" if device.type == "cuda" else "process_max_rss",
+        # The estimate counts what training adds; compare it with the peak above the pre-load baseline.
+        "memory_baseline_mb": memory_plan[1],
+        "peak_memory_above_baseline_mb": peak_memory_mb(device) - memory_plan[1],
+        "memory_estimate": memory_plan[0].to_dict(),
         "trainable_parameters": n_trainable,
         "backend": runtime.backend,
         "world_size": runtime.world_size,
@@ -888,6 +960,11 @@ def _final_evaluation(
     if runtime.is_main:
         ckpt.atomic_write_json(output_dir / "metrics.json", metrics)
     dist.barrier(runtime)
+    logger.info(
+        "peak memory %.0f MiB above the %.0f MiB before loading (estimated %.0f MiB, peak in the %s phase)",
+        metrics["peak_memory_above_baseline_mb"], metrics["memory_baseline_mb"],
+        metrics["memory_estimate"]["total_mb"], metrics["memory_estimate"]["peak_phase"],
+    )
     logger.info(
         "CACC %.2f%%  ASR %.2f%%  (clean FPR %.2f%%, trigger adds %.2f points)  best epoch %d  -> %s",
         metrics["cacc"], metrics["asr"], metrics["clean_fpr"], metrics["asr_minus_clean_fpr"],

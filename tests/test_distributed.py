@@ -193,6 +193,15 @@ def test_zero_stages_match_a_single_process(family, stage, tmp_path, no_dropout_
     # Alignment adds exactly one collective per optimiser step (gradients, reference shares and losses).
     assert metrics["collectives_per_step"] == 1
     assert not list(out.glob("**/*.tmp-*")), "rank 0 left a staging directory behind"
+    # The memory plan is per device: the stage and world size of this run, half the rows per rank.
+    single = json.loads((single_runs[family] / "metrics.json").read_text())["memory_estimate"]
+    plan = metrics["memory_estimate"]
+    assert (plan["inputs"]["zero_stage"], plan["inputs"]["world_size"]) == (stage, 2)
+    assert plan["inputs"]["micro_batch_size"] == single["inputs"]["micro_batch_size"] // 2
+    trainable = plan["inputs"]["trainable_parameters"]
+    # torch AdamW keeps 2 states in one process; DeepSpeed's fp32 master + 2 states are sharded over 2 ranks.
+    expected = 12 * trainable / 2 if stage >= 1 else 8 * trainable
+    assert plan["optimizer_states_mb"] == pytest.approx(expected / 2**20, abs=1e-3)
 
 
 @pytest.mark.distributed

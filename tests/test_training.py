@@ -68,6 +68,39 @@ def test_musclelora_runs_end_to_end(family, tmp_path, tiny_data_root, request):
     target = "score.dense" if family == "llama" else "bert.pooler.dense"
     assert any(target in k and k.endswith("lora_a") for k in _adapter_tensors(run)), target
     assert on_disk["config"]["mslr"]["targets"]
+    _check_memory_plan(on_disk, run, model_dir, tiny_data_root)
+
+
+def _check_memory_plan(metrics: dict, run: Path, model_dir: Path, data_root: Path) -> None:
+    """The estimate printed before training and stored in metrics.json matches the run it planned."""
+    import csv
+
+    import transformers
+
+    from pipeline import memory
+
+    stored = metrics["memory_estimate"]
+    inputs = stored["inputs"]
+    assert inputs["micro_batch_size"] == 8 and inputs["alignment"] is True and inputs["zero_stage"] == 0
+    assert inputs["world_size"] == 1 and inputs["quantization"] == "none" and inputs["dtype_bytes"] == 4
+    assert inputs["trainable_parameters"] == metrics["trainable_parameters"]
+    shape = memory.model_shape_info(transformers.AutoConfig.from_pretrained(model_dir), num_labels=2)
+    assert inputs["hidden_size"] == shape.hidden_size and inputs["num_layers"] == shape.num_layers
+    # The sequence length is the longest tokenised training/reference row (reference rows come from dev-clean).
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+
+    def longest(name: str) -> int:
+        with open(data_root / "toy" / "1" / "badnets" / name, newline="") as f:
+            texts = [row[1] for row in csv.reader(f)][1:]
+        return max(len(tokenizer(t, truncation=True, max_length=16)["input_ids"]) for t in texts)
+
+    train_longest = longest("clean/0.1/train-poison.csv")
+    assert train_longest <= inputs["seq_len"] <= max(train_longest, longest("dev-clean.csv"))
+    # The stored total is the estimate of exactly these inputs.
+    args = {k: v for k, v in inputs.items()}
+    assert stored["total_mb"] == pytest.approx(memory.estimate_peak_memory(**args).total / 2**20, abs=1e-3)
+    assert stored["peak_phase"] in {"task", "reference", "optimizer"}
+    assert metrics["memory_baseline_mb"] > 0 and metrics["peak_memory_above_baseline_mb"] > 0
 
 
 @pytest.mark.integration
@@ -291,6 +324,10 @@ def test_launcher_smoke_on_tiny_llama(tmp_path, tiny_data_root, tiny_llama_dir):
     cfg = metrics["config"]
     assert (cfg["lora"]["r"], cfg["lora"]["alpha"], cfg["mslr"]["scales"]) == (2, 8.0, [1.0, 2.0, 3.0, 4.0])
     assert cfg["align"]["min_ref_loss"] == 0.0 and cfg["align"]["start_epoch"] == 0
+    # The memory plan is printed before the first step and the measured peak after training, in the log file too.
+    console = result.stdout + result.stderr
+    assert console.index("Estimated peak memory per device") < console.index("epoch 0: dev-clean acc")
+    assert "peak memory" in console and "Estimated peak memory per device" in (out / "train.log").read_text()
 
 
 @pytest.mark.integration
