@@ -323,3 +323,23 @@ def test_deepspeed_and_accelerate_launchers_match_a_single_process(launcher, tmp
     _assert_same_run(single_runs["bert"], out)
     metrics = json.loads((out / "metrics.json").read_text())
     assert (metrics["backend"], metrics["world_size"], metrics["zero_stage"]) == ("deepspeed", 2, 2)
+
+
+@pytest.mark.distributed
+@pytest.mark.integration
+@pytest.mark.parametrize("stage", [2, 3])
+def test_nf4_base_under_zero_matches_a_single_process(stage, tmp_path, no_dropout_models, tiny_data_root):
+    """4-bit (nf4) Llama base + MuScleLoRA on 2 CPU ranks: same losses, gates and adapter as one process."""
+    pytest.importorskip("bitsandbytes")
+    nf4 = ("model.quantization=nf4", "train.max_steps=4")
+    single = tmp_path / "single"
+    run_training(load_config(CONFIG, _overrides(single, no_dropout_models["llama"], tiny_data_root, *nf4)))
+    out = tmp_path / "run"
+    _torchrun(_overrides(out, no_dropout_models["llama"], tiny_data_root, *nf4), deepspeed=f"zero{stage}")
+    _assert_same_run(single, out)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert (metrics["world_size"], metrics["zero_stage"]) == (2, stage)
+    assert metrics["memory_estimate"]["inputs"]["quantization"] == "nf4"
+    # Only adapters trained: the frozen 4-bit base is not in the adapter file.
+    saved = load_file(str(out / "adapter" / "adapter.safetensors"))
+    assert saved and not any(name.endswith("q_proj.base_layer.weight") for name in saved)
