@@ -507,3 +507,18 @@ def test_llm_recipes_are_the_authors_decoder_defaults(name, model_type):
     for section in ("lora", "mslr", "align"):
         assert getattr(resolved, section) == getattr(auto, section), section
     assert (resolved.train.epochs, resolved.train.batch_size, resolved.train.lr) == (5, 16, 1e-5)
+
+
+@pytest.mark.parametrize("model", ["llama2_7b", "mistral_7b", "gpt2_xl"])
+def test_nf4_recipes_are_the_bf16_recipes_over_a_4bit_base(model):
+    import dataclasses
+
+    bf16 = load_config(CONFIG_DIR / f"{model}_bf16.yaml")
+    nf4 = load_config(CONFIG_DIR / f"{model}_nf4.yaml")
+    q = nf4.model
+    assert (q.quantization, q.double_quant, q.quant_storage, q.prepare_kbit, q.gradient_checkpointing) == (
+        "nf4", True, "auto", True, True)
+    assert dataclasses.replace(q, quantization="none", gradient_checkpointing=False) == bf16.model
+    for section in ("data", "lora", "mslr", "align", "train"):
+        assert getattr(nf4, section) == getattr(bf16, section), section
+    assert nf4.method == bf16.method == "musclelora" and nf4.output_dir != bf16.output_dir

@@ -477,3 +477,22 @@ def test_int8_under_zero3_is_refused_before_anything_is_written(tmp_path, tiny_d
     with pytest.raises(ConfigError, match="int8"):
         run_training(cfg, deepspeed_config=REPO / "ds_configs" / "zero3.json")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(("recipe", "family"), [("llama2_7b_nf4", "llama"), ("mistral_7b_nf4", "mistral"), ("gpt2_xl_nf4", "gpt2")])
+def test_nf4_recipes_run_on_tiny_models(recipe, family, tmp_path, tiny_data_root, request):
+    """Each shipped 4-bit recipe, unchanged but for the model path, data and step budget, trains and writes its plan."""
+    pytest.importorskip("bitsandbytes")
+    model_dir = request.getfixturevalue(f"tiny_{family}_dir")
+    cfg = load_config(REPO / "launch" / "configs" / f"{recipe}.yaml", [
+        f"output_dir={tmp_path / 'run'}", f"model.name_or_path={model_dir}", f"data.root={tiny_data_root}",
+        "data.dataset=toy", "data.ref_size=8", "data.max_length=16", "train.max_steps=2", "train.epochs=1",
+        "train.batch_size=8", "train.eval_batch_size=16",
+    ])
+    metrics = run_training(cfg)
+    assert metrics["global_steps"] == 2
+    plan = metrics["memory_estimate"]["inputs"]
+    assert (plan["quantization"], plan["gradient_checkpointing"], plan["dtype_bytes"]) == ("nf4", True, 2)
+    steps = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines() if '"step"' in x]
+    assert all(np_finite(r["loss"]) and r["gate"] == "align" for r in steps)
