@@ -1,6 +1,9 @@
 """Benchmark the fused MSLR op (MuScleLoRA, arXiv 2402.12026) against the frozen base linear alone.
 
-One layer ``d x d`` with bias, input ``[tokens, d]`` requiring grad, one forward + backward per sample.
+One layer ``d_in -> d_out`` with bias (square ``d x d`` from ``--sizes``, any shape from ``--shapes``, e.g.
+``4096x16`` for the LLM head's MSLR layer), input ``[tokens, d_in]`` requiring grad, one forward + backward
+per sample. Besides time, each method's peak memory of one forward + backward is measured (CUDA: the
+allocator's peak; CPU: peak RSS above the RSS before the call, see ``pipeline.memory.measure_peak``).
 Compared (all with the same total rank ``B*r``):
 
 - ``base``: frozen ``nn.Linear`` alone (the floor; the goal is fused <= 1.10x base),
@@ -15,10 +18,14 @@ Compared (all with the same total rank ``B*r``):
 Methods are interleaved sample by sample in a shuffled order per round, so load from other processes hits all of them alike; the
 report gives the median time and the median of the per-round ratios to ``base``.
 
+On CPU set ``MALLOC_MMAP_THRESHOLD_=65536`` (as below): glibc then returns every large block to the
+system on ``free``, so a method's peak RSS is its own and not hidden by blocks an earlier method left
+cached (the benchmark warns when it is unset).
+
 Run (2 threads, as in docs/BENCHMARKS.md)::
 
-    .venv/bin/python benchmarks/bench_mslr_kernel.py --sizes 384 1024 --tokens 512 2048 8192 \\
-        --threads 2 --repeats 15 --markdown docs/BENCHMARKS.md
+    MALLOC_MMAP_THRESHOLD_=65536 .venv/bin/python benchmarks/bench_mslr_kernel.py --sizes 384 1024 4096 \\
+        --shapes 4096x16 --tokens 512 2048 8192 --threads 2 --repeats 15 --markdown docs/BENCHMARKS.md
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ from torch.autograd.function import FunctionCtx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kernels.mslr import fold_scales, mslr_linear, mslr_reference  # noqa: E402
+from pipeline.memory import measure_peak  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -53,11 +61,12 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 class Row:
     """One (size, tokens, method) measurement."""
 
-    size: int
+    size: str
     tokens: int
     method: str
     median_ms: float
     ratio_to_base: float
+    peak_mb: float = float("nan")
 
 
 class _ConcatMSLR(torch.autograd.Function):
@@ -112,21 +121,26 @@ class _ConcatCache:
 
 
 def build_methods(
-    size: int, num_scales: int, rank: int, alpha: float, dtype: torch.dtype, variants: bool
+    size: int | tuple[int, int], num_scales: int, rank: int, alpha: float, dtype: torch.dtype, variants: bool,
+    device: torch.device | str = "cpu",
 ) -> dict[str, Callable[[Tensor], Tensor]]:
-    """The benchmarked callables, sharing one base layer and one set of adapter weights."""
+    """The benchmarked callables, sharing one base layer and one set of adapter weights.
+
+    ``size`` is ``d`` (a square layer) or ``(d_in, d_out)``.
+    """
     import peft  # local: only the benchmark needs it
 
+    d_in, d_out = (size, size) if isinstance(size, int) else size
     torch.manual_seed(0)
-    base = nn.Linear(size, size).to(dtype).requires_grad_(False)
+    base = nn.Linear(d_in, d_out).to(device, dtype).requires_grad_(False)
     total_rank = num_scales * rank
-    lora_a = nn.Parameter((torch.randn(total_rank, size) / math.sqrt(size)).to(dtype))
-    lora_b = nn.Parameter((torch.randn(size, total_rank) / math.sqrt(total_rank)).to(dtype))
+    lora_a = nn.Parameter((torch.randn(total_rank, d_in) / math.sqrt(d_in)).to(device, dtype))
+    lora_b = nn.Parameter((torch.randn(d_out, total_rank) / math.sqrt(total_rank)).to(device, dtype))
     scales = torch.arange(1, num_scales + 1, dtype=torch.float32)
-    scale_vec = fold_scales(scales, rank, alpha / rank).to(dtype)
+    scale_vec = fold_scales(scales, rank, alpha / rank).to(device, dtype)
 
     peft_model = peft.get_peft_model(
-        nn.Sequential(nn.Linear(size, size)).to(dtype),
+        nn.Sequential(nn.Linear(d_in, d_out)).to(device, dtype),
         peft.LoraConfig(r=total_rank, lora_alpha=alpha, target_modules=["0"], lora_dropout=0.0),
     )
     peft_layer = peft_model.base_model.model[0]
@@ -137,7 +151,7 @@ def build_methods(
         peft_layer.lora_B["default"].weight.copy_(lora_b)
 
     def naive_dense(x: Tensor) -> Tensor:
-        k = scales.repeat_interleave(rank).to(dtype)  # authors: X (R (L * K))^T * scaling + W0 X + b0
+        k = scales.repeat_interleave(rank).to(device, dtype)  # authors: X (R (L * K))^T * scaling + W0 X + b0
         dense = lora_b @ (lora_a * k[:, None])  # [d_out, d_in], rebuilt every call
         return F.linear(x, dense) * (alpha / rank) + base(x)
 
@@ -165,13 +179,19 @@ def _check_agreement(methods: dict[str, Callable[[Tensor], Tensor]], x: Tensor, 
 
 
 def time_case(
-    methods: dict[str, Callable[[Tensor], Tensor]], x: Tensor, grad: Tensor, repeats: int, warmup: int
+    methods: dict[str, Callable[[Tensor], Tensor]], x: Tensor, grad: Tensor, repeats: int, warmup: int,
+    device: torch.device | None = None,
 ) -> dict[str, tuple[float, float]]:
     """Interleaved fwd+bwd timings: ``{method: (median ms, median per-round ratio to base)}``."""
+    cuda = device is not None and device.type == "cuda"
 
     def once(fn: Callable[[Tensor], Tensor]) -> float:
+        if cuda:
+            torch.cuda.synchronize(device)
         start = time.perf_counter()
         fn(x).backward(grad)
+        if cuda:
+            torch.cuda.synchronize(device)
         elapsed = time.perf_counter() - start
         x.grad = None
         return elapsed
@@ -195,26 +215,62 @@ def time_case(
     }
 
 
-def markdown_table(rows: list[Row], methods: list[str]) -> str:
-    """Rows as a markdown table: one line per (size, tokens), ms and ratio per method."""
-    header = "| d | tokens | " + " | ".join(f"{m} ms (x base)" for m in methods) + " |"
+def peak_memory(methods: dict[str, Callable[[Tensor], Tensor]], x: Tensor, grad: Tensor) -> dict[str, float]:
+    """MiB one forward + backward of each method adds at its peak (after the timing warm-up)."""
+
+    def once(fn: Callable[[Tensor], Tensor]) -> None:
+        fn(x).backward(grad)
+        x.grad = None
+        for p in _parameters(fn):
+            p.grad = None
+
+    return {name: measure_peak(lambda fn=fn: once(fn), device=x.device) / 2**20 for name, fn in methods.items()}
+
+
+def _parameters(fn: Callable[[Tensor], Tensor]) -> list[Tensor]:
+    if isinstance(fn, nn.Module):
+        return [p for p in fn.parameters() if p.requires_grad]
+    cells = [c.cell_contents for c in (getattr(fn, "__closure__", None) or ())]
+    return [c for c in cells if isinstance(c, Tensor) and c.requires_grad]
+
+
+def _label(size: int | tuple[int, int]) -> str:
+    return str(size) if isinstance(size, int) else f"{size[0]}->{size[1]}"
+
+
+def markdown_table(rows: list[Row], methods: list[str], *, memory: bool = False) -> str:
+    """Rows as a markdown table: one line per (size, tokens), ms and ratio per method (or peak MiB)."""
+    unit = "peak MiB" if memory else "ms (x base)"
+    header = "| d | tokens | " + " | ".join(f"{m} {unit}" for m in methods) + " |"
     lines = [header, "|" + "---|" * (2 + len(methods))]
-    keys = sorted({(r.size, r.tokens) for r in rows})
+    keys = list(dict.fromkeys((r.size, r.tokens) for r in rows))
     for size, tokens in keys:
         cells = []
         for m in methods:
             row = next(r for r in rows if (r.size, r.tokens, r.method) == (size, tokens, m))
-            cells.append(f"{row.median_ms:.2f} ({row.ratio_to_base:.3f})")
+            cells.append(f"{row.peak_mb:.1f}" if memory else f"{row.median_ms:.2f} ({row.ratio_to_base:.3f})")
         lines.append(f"| {size} | {tokens} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _shape(text: str) -> tuple[int, int]:
+    try:
+        d_in, d_out = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shapes: {text!r} is not IN x OUT, e.g. 4096x16") from None
+    if d_in < 1 or d_out < 1:
+        raise argparse.ArgumentTypeError(f"--shapes: {text!r} needs positive sizes")
+    return d_in, d_out
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command line of the benchmark."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--sizes", type=int, nargs="+", default=[384, 1024], help="d (square layer d x d)")
+    p.add_argument("--sizes", type=int, nargs="*", default=[384, 1024], help="d (square layer d x d)")
+    p.add_argument("--shapes", type=_shape, nargs="*", default=[], help="IN x OUT layers, e.g. 4096x16 (the LLM head)")
     p.add_argument("--tokens", type=int, nargs="+", default=[512, 2048, 8192], help="rows of x")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (bf16 on GPU: --device cuda --dtype bfloat16)")
     p.add_argument("--repeats", type=int, default=15, help="interleaved rounds per case (8192 tokens: half)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--num-scales", type=int, default=8, help="B, branches")
@@ -235,20 +291,28 @@ def main(argv: list[str] | None = None) -> list[Row]:
     dtype = DTYPES[args.dtype]
     rows: list[Row] = []
     names: list[str] = []
-    for size in args.sizes:
-        methods = build_methods(size, args.num_scales, args.rank, args.alpha, dtype, args.variants)
+    device = torch.device(args.device)
+    if device.type == "cpu" and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        sys.stderr.write("bench_mslr_kernel: MALLOC_MMAP_THRESHOLD_ is unset: CPU peak memory may read low "
+                         "(cached allocator blocks); run with MALLOC_MMAP_THRESHOLD_=65536\n")
+    for size in [*args.sizes, *args.shapes]:
+        methods = build_methods(size, args.num_scales, args.rank, args.alpha, dtype, args.variants, device)
         names = list(methods)
+        d_in, d_out = (size, size) if isinstance(size, int) else size
         for tokens in args.tokens:
             gen = torch.Generator().manual_seed(tokens)
-            x = torch.randn(tokens, size, generator=gen).to(dtype).requires_grad_(True)
-            grad = torch.randn(tokens, size, generator=gen).to(dtype)
+            x = torch.randn(tokens, d_in, generator=gen).to(device, dtype).requires_grad_(True)
+            grad = torch.randn(tokens, d_out, generator=gen).to(device, dtype)
             _check_agreement(methods, x, tol=1e-4 if dtype == torch.float32 else 5e-2)
             repeats = args.repeats if tokens < 8192 else max(3, args.repeats // 2)
-            for name, (ms, ratio) in time_case(methods, x, grad, repeats, args.warmup).items():
-                rows.append(Row(size, tokens, name, ms, ratio))
-                sys.stdout.write(f"d={size} tokens={tokens} {name:12s} {ms:9.2f} ms  x{ratio:.3f}\n")
+            timings = time_case(methods, x, grad, repeats, args.warmup, device)
+            peaks = peak_memory(methods, x, grad)
+            for name, (ms, ratio) in timings.items():
+                rows.append(Row(_label(size), tokens, name, ms, ratio, peaks[name]))
+                sys.stdout.write(f"d={_label(size)} tokens={tokens} {name:12s} {ms:9.2f} ms  x{ratio:.3f}  peak {peaks[name]:8.1f} MiB\n")
             sys.stdout.flush()
-    table = markdown_table(rows, names)
+    table = markdown_table(rows, names) + "\n\nPeak memory of one forward + backward above the level before it:\n\n" + \
+        markdown_table(rows, names, memory=True)
     sys.stdout.write(table + "\n")
     if args.markdown is not None:
         machine = args.machine or f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}"
