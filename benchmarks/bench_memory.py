@@ -5,7 +5,8 @@ measured from there: loads a random Llama checkpoint with ``pipeline.modeling.lo
 the adapters as ``training.build_model`` does (LoRA q/v r=2 alpha 8, MSLR on ``score.dense`` with
 scales 1..4, alpha 4; or full fine-tuning), and runs ``--steps`` optimizer steps of the pipeline's
 loop in one process: task forward/backward, the reference pass through ``torch.autograd.grad``,
-``align_gradients``, clipping, AdamW. Every row has ``seq`` tokens (no padding), float32.
+``align_gradients``, clipping, AdamW. Every row has ``seq`` tokens (no padding); float32 unless a
+configuration names ``dtype`` (bfloat16) or ``quantization`` (nf4: 4-bit base, float32 compute).
 
 The worker pins glibc's mmap threshold (``MALLOC_MMAP_THRESHOLD_=65536``) so that freed tensors leave
 the resident set and RSS follows live memory; each phase (weights, task pass, reference pass,
@@ -54,7 +55,18 @@ CONFIGS: dict[str, dict[str, Any]] = {
         "model": {"hidden": 512, "layers": 8, "intermediate": 1376, "heads": 8, "vocab": 8000},
         "batch": 16, "seq": 128, "checkpointing": True, "method": "musclelora",
     },
+    # The same medium model and run with the base in bfloat16, and with a 4-bit nf4 base (float32 compute,
+    # the CPU path: bitsandbytes' bf16 compute is several times slower on CPU).
+    "medium_bf16": {
+        "model": {"hidden": 512, "layers": 8, "intermediate": 1376, "heads": 8, "vocab": 8000},
+        "batch": 16, "seq": 128, "checkpointing": False, "method": "musclelora", "dtype": "bfloat16",
+    },
+    "medium_nf4": {
+        "model": {"hidden": 512, "layers": 8, "intermediate": 1376, "heads": 8, "vocab": 8000},
+        "batch": 16, "seq": 128, "checkpointing": False, "method": "musclelora", "quantization": "nf4",
+    },
 }
+DTYPES = {"float32": 4, "bfloat16": 2}
 METHODS = ("musclelora", "lora", "full_ga")
 
 
@@ -107,13 +119,16 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
     transformers.logging.set_verbosity_error()
     torch.manual_seed(0)
     method, batch, seq, steps = spec["method"], spec["batch"], spec["seq"], spec["steps"]
+    dtype_name, quantization = spec.get("dtype", "float32"), spec.get("quantization", "none")
+    dtype = getattr(torch, dtype_name)
     path = Path(spec["checkpoint"])
     shape = memory.model_shape_info(transformers.AutoConfig.from_pretrained(path, local_files_only=True))
     state: dict[str, Any] = {}
 
     def build() -> None:
         model = modeling.load_classifier(
-            path, num_labels=2, dtype=torch.float32, is_decoder=True, gradient_checkpointing=spec["checkpointing"]
+            path, num_labels=2, dtype=dtype, is_decoder=True, gradient_checkpointing=spec["checkpointing"],
+            quantization=quantization,
         )
         full = method == "full_ga"
         if not full:
@@ -158,7 +173,9 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
         before = memory.current_rss_bytes() - baseline
         return before + memory.measure_peak(fn)
 
+    file_before = _rss_file_bytes()
     measured = {"weights": phase(build), "task": 0, "reference": 0, "optimizer": 0}
+    file_backed = _rss_file_bytes() - file_before
     vocab = shape.vocab_size
     started = time.perf_counter()
     for _ in range(steps):
@@ -179,8 +196,8 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
         trainable_parameters=trainable,
         seq_len=seq,
         micro_batch_size=batch,
-        dtype_bytes=4,
-        quantization="none",
+        dtype_bytes=DTYPES[dtype_name],
+        quantization=quantization,
         zero_stage=0,
         world_size=1,
         offload_optimizer=False,
@@ -191,7 +208,7 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
         device="cpu",
         **shape.estimate_kwargs(),
     )
-    counted = sum(p.numel() for p in model.parameters())
+    counted = sum(memory.logical_numel(p) for p in model.parameters())
     return {
         "spec": spec,
         "parameters": counted,
@@ -206,7 +223,21 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
         },
         "describe": estimate.describe(),
         "step_seconds": seconds / max(steps, 1),
+        "file_backed_after_load": file_backed,
     }
+
+
+def _rss_file_bytes() -> int:
+    """File-backed resident pages of this process (``RssFile``; 0 where /proc lacks it).
+
+    Checkpoint tensors are memory-mapped: pages the loader read stay resident (and counted in RSS) while
+    the mapping lives, also those of weights a 4-bit load quantized into new anonymous memory.
+    """
+    import re
+
+    status = Path("/proc/self/status")
+    match = re.search(r"^RssFile:\s+(\d+)\s+kB", status.read_text(), re.MULTILINE) if status.exists() else None
+    return int(match.group(1)) * 1024 if match else 0
 
 
 def _mb(value: float) -> str:
@@ -215,9 +246,10 @@ def _mb(value: float) -> str:
 
 def markdown(results: dict[str, dict[str, Any]]) -> str:
     """The estimate-vs-measurement table (MiB; measured = RSS above the level before loading)."""
-    head = ("| config | model (L x h, i, vocab) | method | batch x seq | ckpt | weights est / meas | task pass est / meas "
-            "| reference pass est / meas | optimizer step est / meas | peak est / meas | error | implied overhead |")
-    lines = [head, "|" + "---|" * 12]
+    head = ("| config | model (L x h, i, vocab) | base | method | batch x seq | ckpt | weights est / meas | task pass est / meas "
+            "| reference pass est / meas | optimizer step est / meas | peak est / meas | error | implied overhead "
+            "| checkpoint pages resident after load | s/step |")
+    lines = [head, "|" + "---|" * 15]
     for name, r in results.items():
         spec, e, m = r["spec"], r["estimate_bytes"], r["measured"]
         model = r["shape"]
@@ -225,10 +257,10 @@ def markdown(results: dict[str, dict[str, Any]]) -> str:
         error = (e["total"] - m["peak"]) / m["peak"]
         implied = m["peak"] - (e["total"] - e["overhead"])
         lines.append(
-            f"| {name} | {model} | {spec['method']} | {spec['batch']} x {spec['seq']} | {'on' if spec['checkpointing'] else 'off'} "
+            f"| {name} | {model} | {spec.get('quantization', 'none') if spec.get('quantization', 'none') != 'none' else spec.get('dtype', 'float32')} | {spec['method']} | {spec['batch']} x {spec['seq']} | {'on' if spec['checkpointing'] else 'off'} "
             f"| {_mb(e['weights'])} / {_mb(m['weights'])} | {_mb(e['task'])} / {_mb(m['task'])} | {ref} "
             f"| {_mb(e['optimizer'])} / {_mb(m['optimizer'])} | {_mb(e['total'])} / {_mb(m['peak'])} | {100 * error:+.1f}% "
-            f"| {_mb(implied)} |"
+            f"| {_mb(implied)} | {_mb(r.get('file_backed_after_load', 0))} | {r['step_seconds']:.2f} |"
         )
     return "\n".join(lines)
 

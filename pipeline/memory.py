@@ -109,6 +109,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import re
 import resource
 import sys
@@ -677,6 +678,15 @@ def model_shape_info(
         attention_dropout=float(_first(text, ("attention_probs_dropout_prob", "attention_dropout", "attn_pdrop"), 0.0)),
         hidden_dropout=float(_first(text, ("hidden_dropout_prob", "resid_pdrop", "hidden_dropout"), 0.0)),
     )
+
+
+def logical_numel(p: torch.Tensor) -> int:
+    """Elements a parameter stands for: bitsandbytes packs 4-bit weights (two per byte), ZeRO-3 empties
+    partitioned ones (``ds_numel`` keeps the full count)."""
+    quant_state = getattr(p, "quant_state", None)
+    if quant_state is not None and getattr(quant_state, "shape", None) is not None:
+        return math.prod(quant_state.shape)
+    return int(getattr(p, "ds_numel", p.numel()))
 
 
 # ----------------------------------------------------------------------------- measurement

@@ -336,14 +336,6 @@ def memory_baseline_mb(device: torch.device) -> float:
     return memory.current_rss_bytes() / 2**20
 
 
-def _logical_numel(p: torch.Tensor) -> int:
-    """Elements a parameter stands for: bitsandbytes packs 4-bit weights, ZeRO-3 empties partitioned ones."""
-    quant_state = getattr(p, "quant_state", None)
-    if quant_state is not None and getattr(quant_state, "shape", None) is not None:
-        return math.prod(quant_state.shape)
-    return int(getattr(p, "ds_numel", p.numel()))
-
-
 def plan_memory(
     cfg: RunConfig,
     info: modeling.ModelInfo,
@@ -365,8 +357,8 @@ def plan_memory(
         AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code, local_files_only=True),
         num_labels=cfg.model.num_labels, is_decoder=info.is_decoder, llm_head_dim=cfg.model.llm_head_dim,
     )
-    trainable = sum(_logical_numel(p) for p in model.parameters() if p.requires_grad)
-    total = sum(_logical_numel(p) for p in model.parameters())
+    trainable = sum(memory.logical_numel(p) for p in model.parameters() if p.requires_grad)
+    total = sum(memory.logical_numel(p) for p in model.parameters())
     seq_len = max((len(ids) for ds in (loaders.train, loaders.reference) for ids in ds["input_ids"]), default=1)
     zero = dist.zero_stage(ds_config) if ds_config is not None else 0
     return memory.estimate_peak_memory(
