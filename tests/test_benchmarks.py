@@ -1,4 +1,4 @@
-"""The MSLR kernel benchmark script (benchmarks/bench_mslr_kernel.py) runs and measures what it claims."""
+"""The benchmark scripts (benchmarks/) run and measure what they claim (smoke tests on tiny inputs)."""
 
 from __future__ import annotations
 
@@ -43,3 +43,15 @@ def test_benchmark_times_and_measures_peak_memory(tmp_path):
     # The authors' formulation materialises the 2048 x 2048 float32 delta (16 MiB); the fused op never does.
     assert square["naive_dense peak MiB"] >= 15.5, square
     assert square["fused peak MiB"] < 4.0, square
+
+
+def test_batch_scaling_benchmark_runs_on_a_local_checkpoint(tiny_bert_dir, capsys):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import bench_batch_scaling
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    ratio = bench_batch_scaling.main(["--model", str(tiny_bert_dir), "--batch", "2", "--length", "8", "--threads", "1",
+                                      "--repeats", "2"])
+    assert ratio > 0
+    assert "time(2B)/time(B) =" in capsys.readouterr().out
