@@ -66,6 +66,20 @@ CONFIGS: dict[str, dict[str, Any]] = {
         "batch": 16, "seq": 128, "checkpointing": False, "method": "musclelora", "quantization": "nf4",
     },
 }
+# GPU only (--configs llama2_7b_nf4 on a CUDA machine): Llama-2-7B's shape with random bf16 weights
+# (the checkpoint, about 13 GB, is written to the temporary directory first), 4-bit nf4 base, bf16 compute,
+# the nf4 recipe's checkpointing; the goal is <= 10 GB peak GPU memory at batch 16 x 128.
+GPU_CONFIGS: dict[str, dict[str, Any]] = {
+    "llama2_7b_nf4": {
+        "model": {"hidden": 4096, "layers": 32, "intermediate": 11008, "heads": 32, "vocab": 32000, "dtype": "bfloat16"},
+        "batch": 16, "seq": 128, "checkpointing": True, "method": "musclelora", "dtype": "bfloat16",
+        "quantization": "nf4", "device": "cuda",
+    },
+    "small_cuda": {
+        "model": {"hidden": 256, "layers": 4, "intermediate": 688, "heads": 4, "vocab": 2000},
+        "batch": 16, "seq": 128, "checkpointing": False, "method": "musclelora", "device": "cuda",
+    },
+}
 DTYPES = {"float32": 4, "bfloat16": 2}
 METHODS = ("musclelora", "lora", "full_ga")
 
@@ -84,9 +98,15 @@ def build_checkpoint(model: dict[str, int] | None, directory: Path) -> Path:
         num_hidden_layers=model["layers"], num_attention_heads=model["heads"], num_key_value_heads=model["heads"],
         max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=None, tie_word_embeddings=False,
     )
+    dtype = getattr(torch, model.get("dtype", "float32"))
+    previous = torch.get_default_dtype()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        transformers.LlamaForCausalLM(config).save_pretrained(directory)
+        torch.set_default_dtype(dtype)  # a 7B model is built directly in bf16 (13 GB, not 26)
+        try:
+            transformers.LlamaForCausalLM(config).save_pretrained(directory)
+        finally:
+            torch.set_default_dtype(previous)
     return directory
 
 
@@ -121,6 +141,7 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
     method, batch, seq, steps = spec["method"], spec["batch"], spec["seq"], spec["steps"]
     dtype_name, quantization = spec.get("dtype", "float32"), spec.get("quantization", "none")
     dtype = getattr(torch, dtype_name)
+    device = torch.device(spec.get("device", "cpu"))
     path = Path(spec["checkpoint"])
     shape = memory.model_shape_info(transformers.AutoConfig.from_pretrained(path, local_files_only=True))
     state: dict[str, Any] = {}
@@ -128,8 +149,10 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
     def build() -> None:
         model = modeling.load_classifier(
             path, num_labels=2, dtype=dtype, is_decoder=True, gradient_checkpointing=spec["checkpointing"],
-            quantization=quantization,
+            quantization=quantization, device=device,
         )
+        if quantization == "none":
+            model.to(device)
         full = method == "full_ga"
         if not full:
             model = inject.apply_lora(model, target_modules=["q_proj", "v_proj"], r=2, alpha=8, dropout=0.0)
@@ -143,7 +166,7 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
         model.train()
         state["model"] = model
         state["params"] = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        state["optimizer"] = torch.optim.AdamW(state["params"].values(), lr=1e-5, weight_decay=0.0)
+        state["optimizer"] = torch.optim.AdamW(state["params"].values(), lr=1e-5, weight_decay=0.0, foreach=device.type == "cuda")
 
     def loss_of(rows: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         ids, labels = rows
@@ -167,11 +190,14 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
         state["optimizer"].step()
         state["optimizer"].zero_grad(set_to_none=True)
 
-    baseline = memory.current_rss_bytes()
+    def in_use() -> int:
+        return torch.cuda.memory_allocated(device) if device.type == "cuda" else memory.current_rss_bytes()
+
+    baseline = in_use()
 
     def phase(fn: Any) -> int:
-        before = memory.current_rss_bytes() - baseline
-        return before + memory.measure_peak(fn)
+        before = in_use() - baseline
+        return before + memory.measure_peak(fn, device=device)
 
     file_before = _rss_file_bytes()
     measured = {"weights": phase(build), "task": 0, "reference": 0, "optimizer": 0}
@@ -179,8 +205,8 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
     vocab = shape.vocab_size
     started = time.perf_counter()
     for _ in range(steps):
-        state["batch"] = (torch.randint(3, vocab, (batch, seq)), torch.randint(0, 2, (batch,)))
-        state["reference"] = (torch.randint(3, vocab, (batch, seq)), torch.randint(0, 2, (batch,)))
+        state["batch"] = (torch.randint(3, vocab, (batch, seq), device=device), torch.randint(0, 2, (batch,), device=device))
+        state["reference"] = (torch.randint(3, vocab, (batch, seq), device=device), torch.randint(0, 2, (batch,), device=device))
         measured["task"] = max(measured["task"], phase(task_pass))
         if method != "lora":
             measured["reference"] = max(measured["reference"], phase(reference_pass))
@@ -205,7 +231,7 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
         gradient_checkpointing=spec["checkpointing"],
         alignment=method != "lora",
         full_finetune=full,
-        device="cpu",
+        device="cuda" if device.type == "cuda" else "cpu",
         **shape.estimate_kwargs(),
     )
     counted = sum(memory.logical_numel(p) for p in model.parameters())
@@ -223,6 +249,7 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
         },
         "describe": estimate.describe(),
         "step_seconds": seconds / max(steps, 1),
+        "samples_per_second": batch * max(steps, 1) / seconds,
         "file_backed_after_load": file_backed,
     }
 
@@ -272,23 +299,30 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(_worker(json.loads(argv[1]))))
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--configs", nargs="+", choices=sorted(CONFIGS), default=list(CONFIGS))
+    parser.add_argument("--configs", nargs="+", choices=sorted({**CONFIGS, **GPU_CONFIGS}), default=list(CONFIGS),
+                        help=f"default: the CPU ones; GPU only: {', '.join(GPU_CONFIGS)}")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
     parser.add_argument("--json", type=Path, default=None, help="also write the raw results here")
     args = parser.parse_args(argv)
+    gpu = [name for name in args.configs if name in GPU_CONFIGS]
+    if gpu:
+        import torch
+
+        if not torch.cuda.is_available():
+            parser.error(f"--configs {' '.join(gpu)} need a CUDA GPU and torch with CUDA (torch.cuda.is_available() is False)")
     results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="bench_memory_") as tmp:
         checkpoints: dict[str, Path] = {}
         for name in args.configs:
-            config = CONFIGS[name]
+            config = {**CONFIGS, **GPU_CONFIGS}[name]
             key = json.dumps(config["model"], sort_keys=True)
             if key not in checkpoints:
                 checkpoints[key] = build_checkpoint(config["model"], Path(tmp) / f"ckpt{len(checkpoints)}")
             spec = {**config, "checkpoint": str(checkpoints[key]), "steps": args.steps}
             spec.pop("model")
             started = time.perf_counter()
-            result = run_worker(spec, threads=args.threads)
+            result = run_worker(spec, threads=args.threads, timeout=3600 if name in GPU_CONFIGS else 600)
             shape = result["estimate"]["inputs"]
             result["shape"] = f"{shape['num_layers']} x {shape['hidden_size']}, {shape['intermediate_size']}, {shape['vocab_size']}"
             results[name] = result
@@ -296,7 +330,8 @@ def main(argv: list[str] | None = None) -> None:
                   f"{result['trainable']:,} trainable)\n{result['describe']}\n", flush=True)
     command = " ".join(shlex.quote(a) for a in [f"OMP_NUM_THREADS={args.threads}", "python", "benchmarks/bench_memory.py", *argv])
     print(f"Command: `{command}` (each configuration in a fresh subprocess with "
-          f"{' '.join(f'{k}={v}' for k, v in MALLOC_ENV.items())}; MiB; measured = peak RSS above the RSS before loading)\n")
+          f"{' '.join(f'{k}={v}' for k, v in MALLOC_ENV.items())}; MiB; measured = peak above the level before loading: "
+          f"{'CUDA max_memory_allocated' if gpu else 'RSS'})\n")
     print(markdown(results))
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=2))

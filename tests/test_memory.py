@@ -319,3 +319,20 @@ def test_estimate_matches_measured_peak_small_llama(bench: ModuleType, tmp_path:
 def test_estimate_matches_measured_peak_medium(bench: ModuleType, tmp_path: Path, name: str) -> None:
     """Llama 8 x 512 (intermediate 1376, vocab 8000) with and without checkpointing; full fine-tuning + GA."""
     _check_within_tolerance(_measure(bench, name, tmp_path))
+
+
+def test_gpu_configurations_refuse_a_machine_without_cuda(bench: ModuleType, capsys) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(SystemExit):
+        bench.main(["--configs", "llama2_7b_nf4"])
+    assert "need a CUDA GPU" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_estimate_matches_measured_peak_on_cuda(bench: ModuleType, tmp_path: Path) -> None:
+    """The small Llama on a GPU: CUDA allocator peaks against the estimate with device='cuda'."""
+    config = bench.GPU_CONFIGS["small_cuda"]
+    checkpoint = bench.build_checkpoint(config["model"], tmp_path / "ckpt")
+    spec = {k: v for k, v in config.items() if k != "model"} | {"checkpoint": str(checkpoint), "steps": 2}
+    _check_within_tolerance(bench.run_worker(spec, threads=1, timeout=600))
