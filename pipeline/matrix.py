@@ -60,7 +60,7 @@ logger = logging.getLogger(__name__)
 
 _GRID_KEYS = {
     "base_config", "output_root", "datasets", "models", "attacks", "methods", "seeds", "method_seeds",
-    "overrides", "method_overrides", "cell_overrides", "title", "notes", "derived",
+    "overrides", "method_overrides", "cell_overrides", "title", "notes", "derived", "run_first",
 }
 DEFENSES = ("strip", "onion")
 FILTERS = ("bki", "cube")
@@ -178,6 +178,10 @@ def load_grid(path: str | os.PathLike[str]) -> Grid:
     for i, rule in enumerate(cell_overrides):
         if not isinstance(rule, dict) or set(rule) != {"match", "overrides"}:
             problems.append(f"{path}: cell_overrides[{i}] must be {{match: {{...}}, overrides: [...]}}")
+    run_first = [str(m) for m in _as_list(raw.get("run_first"), "run_first", path, problems)]
+    for method in run_first:
+        if method not in axes["methods"]:
+            problems.append(f"{path}: run_first names {method!r}, which is not in methods {axes['methods']}")
     common = [str(o) for o in _as_list(raw.get("overrides"), "overrides", path, problems)]
     for override in common:
         if override.split("=", 1)[0] in ("method", "seed", "data.attack", "data.dataset", "model.name_or_path", "output_dir"):
@@ -185,9 +189,11 @@ def load_grid(path: str | os.PathLike[str]) -> Grid:
     if problems:
         raise ConfigError(problems)
 
-    cells = []
+    cells: list[Cell] = []
+    positions: list[int] = []
     # First seed of every method across the grid first, then the extra seeds: a partial grid is a
-    # complete one-seed table early.
+    # complete one-seed table early. Within a seed position, run_first methods go first (in that
+    # order, across every attack); the report keeps the order of ``methods``.
     for position, dataset, model, attack, method in itertools.product(
         range(max(len(v) for v in [seeds_default, *method_seeds.values()])),
         axes["datasets"] or [None], axes["models"] or [None], axes["attacks"], axes["methods"],
@@ -207,6 +213,10 @@ def load_grid(path: str | os.PathLike[str]) -> Grid:
                                   tuple(extra), source=source, derived_args=tuple(str(a) for a in spec.get("args") or [])))
             else:
                 cells.append(Cell(str(dataset or "default"), str(model or "default"), str(attack), str(method), int(seed), tuple(extra)))
+            positions.append(position)
+    rank = {method: i for i, method in enumerate(run_first)}
+    order = sorted(range(len(cells)), key=lambda i: (positions[i], rank.get(cells[i].method, len(rank)), i))
+    cells = [cells[i] for i in order]
     return Grid(
         path=path, base_config=base, output_root=output_root, cells=tuple(cells),
         title=str(raw.get("title", "Robustness matrix")), notes=str(raw.get("notes", "")),

@@ -229,3 +229,21 @@ def test_derived_method_errors(tmp_path):
         load_grid(_grid_file(tmp_path, "attacks: [badnets]\nmethods: [vanilla, strip]\n"))
     with pytest.raises(ConfigError, match="derived.strip must be"):
         load_grid(_grid_file(tmp_path, "attacks: [badnets]\nmethods: [vanilla, strip]\nderived: {strip: {from: lora}}\n"))
+
+
+def test_run_first_runs_those_methods_across_attacks_first_and_keeps_report_order(tmp_path):
+    grid = load_grid(_grid_file(tmp_path, f"""
+output_root: {tmp_path / 'out'}
+attacks: [badnets, addsent]
+methods: [vanilla, lora, musclelora]
+method_seeds: {{musclelora: [1, 2]}}
+seeds: [1]
+run_first: [musclelora, vanilla]
+"""))
+    keys = [(c.attack, c.method, c.seed) for c in grid.cells]
+    assert keys == [("badnets", "musclelora", 1), ("addsent", "musclelora", 1), ("badnets", "vanilla", 1),
+                    ("addsent", "vanilla", 1), ("badnets", "lora", 1), ("addsent", "lora", 1),
+                    ("badnets", "musclelora", 2), ("addsent", "musclelora", 2)]
+    assert grid.methods == ("vanilla", "lora", "musclelora")
+    with pytest.raises(ConfigError, match="run_first names 'prefix'"):
+        load_grid(_grid_file(tmp_path, "attacks: [badnets]\nmethods: [vanilla]\nrun_first: [prefix]\n"))
