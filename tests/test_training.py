@@ -496,3 +496,20 @@ def test_nf4_recipes_run_on_tiny_models(recipe, family, tmp_path, tiny_data_root
     assert (plan["quantization"], plan["gradient_checkpointing"], plan["dtype_bytes"]) == ("nf4", True, 2)
     steps = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines() if '"step"' in x]
     assert all(np_finite(r["loss"]) and r["gate"] == "align" for r in steps)
+
+
+@pytest.mark.gpu
+@pytest.mark.integration
+@pytest.mark.parametrize("quantization", ["nf4", "none"])
+def test_musclelora_bf16_on_cuda(quantization, tmp_path, tiny_data_root, tiny_llama_dir):
+    """On a GPU: bf16 (and 4-bit nf4 with bf16 compute) MuScleLoRA trains, losses finite, the plan is for CUDA."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    if quantization != "none":
+        pytest.importorskip("bitsandbytes")
+    metrics = run_training(_config(tmp_path, tiny_llama_dir, tiny_data_root, "method=musclelora", "train.epochs=1",
+                                   "train.device=cuda", "model.dtype=bfloat16", f"model.quantization={quantization}"))
+    steps = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines() if '"step"' in x]
+    assert len(steps) == 12 and all(np_finite(r["loss"]) for r in steps)
+    assert metrics["peak_memory_kind"] == "cuda_max_allocated"
+    assert metrics["memory_estimate"]["inputs"]["device"] == "cuda"
