@@ -19,6 +19,12 @@ A grid file (YAML) names a base run config and the axes:
       onion: {from: vanilla, args: [--lm, /models/gpt2]}
       bki: {from: vanilla}                     # data filtering: launch/filter_data.py on that run, then
       cube: {from: vanilla}                    # the source method retrained on the kept rows
+    run_first: [vanilla, musclelora]           # run order only: these methods across every attack first
+    publish_dir: docs                          # also copy REPORT.md and plots/ here (e.g. into the repo)
+    discussion: docs/matrix_discussion.md      # markdown appended to REPORT.md (the analysis)
+
+Cells that ran the frequency analysis (``analysis.frequency_every_steps``) get their curves and heat
+map (``launch/fourier.py``) under ``plots/frequency/`` and a section in REPORT.md.
 
 A derived cell waits (is skipped, and picked up by the next run) until its source cell of the same
 dataset, model, attack and seed has finished.
@@ -60,7 +66,8 @@ logger = logging.getLogger(__name__)
 
 _GRID_KEYS = {
     "base_config", "output_root", "datasets", "models", "attacks", "methods", "seeds", "method_seeds",
-    "overrides", "method_overrides", "cell_overrides", "title", "notes", "derived", "run_first",
+    "overrides", "method_overrides", "cell_overrides", "title", "notes", "derived", "run_first", "publish_dir",
+    "discussion",
 }
 DEFENSES = ("strip", "onion")
 FILTERS = ("bki", "cube")
@@ -104,6 +111,8 @@ class Grid:
     methods: tuple[str, ...] = ()
     attacks: tuple[str, ...] = ()
     raw: Mapping[str, Any] = field(default_factory=dict)
+    publish_dir: Path | None = None
+    discussion: Path | None = None
 
 
 def _as_list(value: Any, key: str, path: Path, problems: list[str]) -> list[Any]:
@@ -145,6 +154,10 @@ def load_grid(path: str | os.PathLike[str]) -> Grid:
     if not base.is_file():
         problems.append(f"{path}: base_config {base} does not exist")
     output_root = resolve(str(raw.get("output_root", f"runs/matrix_{path.stem}")))
+    publish_dir = resolve(str(raw["publish_dir"])) if raw.get("publish_dir") else None
+    discussion = resolve(str(raw["discussion"])) if raw.get("discussion") else None
+    if discussion is not None and not discussion.is_file():
+        problems.append(f"{path}: discussion {discussion} does not exist (a markdown file included in REPORT.md)")
     axes = {}
     for key in ("datasets", "models", "attacks", "methods", "seeds"):
         axes[key] = _as_list(raw.get(key), key, path, problems)
@@ -221,6 +234,7 @@ def load_grid(path: str | os.PathLike[str]) -> Grid:
         path=path, base_config=base, output_root=output_root, cells=tuple(cells),
         title=str(raw.get("title", "Robustness matrix")), notes=str(raw.get("notes", "")),
         methods=tuple(axes["methods"]), attacks=tuple(axes["attacks"]), raw=raw,
+        publish_dir=publish_dir, discussion=discussion,
     )
 
 
@@ -466,21 +480,62 @@ def summary_table(rows: Sequence[Mapping[str, Any]], methods: Sequence[str], att
 
 
 def write_outputs(grid: Grid) -> list[dict[str, Any]]:
-    """Rebuild ``results.csv``, the plots and ``REPORT.md`` from the finished cells."""
+    """Rebuild ``results.csv``, the plots and ``REPORT.md`` from the finished cells (and publish them)."""
     rows = collect_rows(grid)
     grid.output_root.mkdir(parents=True, exist_ok=True)
     ckpt.atomic_write_text(grid.output_root / "results.csv", results_csv(rows))
-    plots = []
+    plots: list[Path] = []
     if rows:
         from pipeline import report
 
         plots = report.matrix_plots(rows, grid.methods, grid.attacks, grid.output_root / "plots")
-    ckpt.atomic_write_text(grid.output_root / "REPORT.md", render_report(grid, rows, plots))
+    frequency = frequency_plots(grid, rows)
+    text = render_report(grid, rows, plots, frequency)
+    ckpt.atomic_write_text(grid.output_root / "REPORT.md", text)
+    if grid.publish_dir is not None:
+        publish(grid, text, [*plots, *frequency])
     return rows
 
 
-def render_report(grid: Grid, rows: Sequence[Mapping[str, Any]], plots: Sequence[Path]) -> str:
-    """The REPORT.md text: settings, the summary table, cost per method, plots."""
+def frequency_plots(grid: Grid, rows: Sequence[Mapping[str, Any]]) -> list[Path]:
+    """Curves and heat map (``launch/fourier.py``) of every finished cell that ran the frequency analysis.
+
+    Written to ``plots/frequency/<attack>_<method>_seed<seed>/``; redrawn only when the cell's
+    ``frequency.json`` is newer than its plots.
+    """
+    repo = Path(__file__).resolve().parents[1]
+    paths: list[Path] = []
+    for row in rows:
+        source = grid.output_root / row["run_dir"] / "frequency.json"
+        if not source.is_file():
+            continue
+        out = grid.output_root / "plots" / "frequency" / f"{row['attack']}_{row['method']}_seed{row['seed']}"
+        pngs = [out / "frequency_curves.png", out / "frequency_heatmap.png"]
+        if not all(p.is_file() and p.stat().st_mtime >= source.stat().st_mtime for p in pngs):
+            done = subprocess.run([sys.executable, str(repo / "launch" / "fourier.py"), str(source.parent), "--out", str(out)],
+                                  capture_output=True, text=True, check=False)
+            if done.returncode != 0:
+                logger.warning("frequency plots of %s failed: %s", source.parent, done.stderr.strip()[-500:])
+                continue
+        paths += pngs
+    return paths
+
+
+def publish(grid: Grid, report_text: str, plots: Sequence[Path]) -> None:
+    """Copy ``REPORT.md`` and its plots (same relative layout) into ``grid.publish_dir``, atomically per file."""
+    target = grid.publish_dir
+    assert target is not None
+    for plot in plots:
+        destination = target / plot.relative_to(grid.output_root)
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        ckpt.atomic_write_bytes(destination, plot.read_bytes())
+    ckpt.atomic_write_text(target / "REPORT.md", report_text)
+
+
+def render_report(
+    grid: Grid, rows: Sequence[Mapping[str, Any]], plots: Sequence[Path], frequency: Sequence[Path] = ()
+) -> str:
+    """The REPORT.md text: settings, the summary table, cost per method, plots, frequency analysis, discussion."""
     done, total = len(rows), len(grid.cells)
     lines = [f"# {grid.title}", ""]
     if grid.notes:
@@ -521,4 +576,16 @@ def render_report(grid: Grid, rows: Sequence[Mapping[str, Any]], plots: Sequence
             rel = plot.relative_to(grid.output_root)
             lines.append(f"![{plot.stem}]({rel.as_posix()})")
             lines.append("")
+    if frequency:
+        lines += [
+            "## Frequency analysis (REFERENCE.md section 5)", "",
+            "Relative low/high-frequency errors of the clean (dev-clean) and backdoor (dev-poison) mappings over",
+            "optimiser steps, drawn by `python launch/fourier.py RUN_DIR` from each cell's `frequency.json`.", "",
+        ]
+        for plot in frequency:
+            rel = plot.relative_to(grid.output_root)
+            lines.append(f"`{rel.parent.name}`: ![{rel.parent.name} {plot.stem}]({rel.as_posix()})")
+            lines.append("")
+    if grid.discussion is not None:
+        lines += [grid.discussion.read_text().strip(), ""]
     return "\n".join(lines)

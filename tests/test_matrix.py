@@ -55,12 +55,13 @@ attacks: []
 colour: blue
 method_seeds: {lora: [1]}
 overrides: [method=lora]
+discussion: no/such/file.md
 """)
     with pytest.raises(ConfigError) as info:
         load_grid(path)
     text = str(info.value)
     for needle in ("methods must be a list", "attacks is required", "unknown key 'colour'", "'lora', which is not in methods",
-                   "sets 'method'"):
+                   "sets 'method'", "no/such/file.md does not exist"):
         assert needle in text, needle
 
 
@@ -116,7 +117,12 @@ methods: [lora, musclelora]
 seeds: [3]
 overrides: [data.root={tiny_data_root}, data.max_length=16, data.ref_size=8, train.epochs=2, train.max_steps=4,
             train.batch_size=8, train.eval_batch_size=16, "mslr.scales=[1,2,4]", train.num_threads=1]
+cell_overrides:
+  - {{match: {{method: musclelora}}, overrides: [analysis.frequency_every_steps=2]}}
+publish_dir: {tmp_path / 'docs'}
+discussion: {tmp_path / 'discussion.md'}
 """)
+    (tmp_path / "discussion.md").write_text("## Discussion\n\nWhich component removes the backdoor.\n")
     script = REPO / "launch" / "matrix.py"
     first = subprocess.run([sys.executable, str(script), "--config", str(grid_path), "--max-cells", "1"],
                            capture_output=True, text=True, timeout=300)
@@ -134,10 +140,16 @@ overrides: [data.root={tiny_data_root}, data.max_length=16, data.ref_size=8, tra
         assert float(row["train_seconds"]) > 0 and float(row["wall_seconds"]) > 0 and float(row["peak_memory_mb"]) > 0
     report = (out / "REPORT.md").read_text()
     assert "# tiny grid" in report and "2 of 2 cells finished" in report and "| musclelora |" in report
-    for png in ("asr_cacc_bars.png", "epoch_curves.png"):
+    for png in ("asr_cacc_bars.png", "epoch_curves.png", "frequency/badnets_musclelora_seed3/frequency_curves.png",
+                "frequency/badnets_musclelora_seed3/frequency_heatmap.png"):
         path = out / "plots" / png
         assert path.is_file() and 1_000 < path.stat().st_size < 300_000
         assert f"plots/{png}" in report
+        # Published: the same file under publish_dir, linked the same way from its REPORT.md.
+        assert (tmp_path / "docs" / "plots" / png).read_bytes() == path.read_bytes()
+    assert not (out / "plots" / "frequency" / "badnets_lora_seed3").exists()  # lora ran without the analysis
+    assert "## Frequency analysis" in report and report.rstrip().endswith("Which component removes the backdoor.")
+    assert (tmp_path / "docs" / "REPORT.md").read_text() == report
 
 
 def test_parallel_jobs_run_every_cell_once(tmp_path):
