@@ -15,8 +15,9 @@ fraction in [0, 1]; converting to percent is the caller's business.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -45,7 +46,23 @@ def _logits(output: object) -> Tensor:
     )
 
 
-@torch.no_grad()
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Run a block in eval mode without autograd, then restore every submodule's own training flag.
+
+    Restoring per module (not ``model.train(was_training)``) keeps modules that were deliberately in
+    another mode (a frozen, eval-mode backbone part under a training head) as they were.
+    """
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        for module, training in modes:
+            module.training = training
+
 def predict(
     model: nn.Module,
     loader: Iterable[Mapping[str, Tensor]],
@@ -73,11 +90,9 @@ def predict(
         KeyError: If a batch lacks ``input_ids`` or ``labels``.
         ValueError: If the logits' batch size differs from the labels'.
     """
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
     predictions: list[Tensor] = []
     labels: list[Tensor] = []
-    try:
+    with eval_mode(model):
         for index, batch in enumerate(tqdm(loader, desc=desc, disable=not progress, leave=False)):
             missing = [key for key in ("input_ids", "labels") if key not in batch]
             if missing:
@@ -95,9 +110,6 @@ def predict(
                 )
             predictions.append(logits.argmax(dim=-1).cpu())
             labels.append(batch_labels.cpu())
-    finally:
-        for module, training in modes:
-            module.training = training
     if not predictions:
         logger.warning("predict: the loader %s yielded no batches", desc or "")
         return torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long)

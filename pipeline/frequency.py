@@ -64,6 +64,7 @@ import torch
 from torch import Tensor, nn
 
 from pipeline import checkpoint as ckpt
+from pipeline.evaluate import eval_mode
 
 logger = logging.getLogger(__name__)
 
@@ -183,7 +184,6 @@ def embedding_matrix(
     return x.reshape(len(samples), length * dim)
 
 
-@torch.no_grad()
 def output_probabilities(
     model: nn.Module, loader: Iterable[Mapping[str, Tensor]], *, device: torch.device | str
 ) -> tuple[Tensor, Tensor]:
@@ -205,20 +205,15 @@ def output_probabilities(
     Raises:
         ValueError: The loader yields no batches.
     """
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
     probabilities: list[Tensor] = []
     labels: list[Tensor] = []
-    try:
+    with eval_mode(model):
         with torch.random.fork_rng(devices=[]):  # iterating a DataLoader draws from the CPU generator
             for batch in loader:
                 output = model(**_model_inputs(batch, device))
                 logits = output if isinstance(output, Tensor) else output.logits
                 probabilities.append(torch.softmax(logits.float(), dim=-1).cpu())
                 labels.append(torch.as_tensor(batch["labels"]).reshape(-1).cpu().long())
-    finally:
-        for module, training in modes:
-            module.training = training
     if not probabilities:
         raise ValueError("output_probabilities: the loader yielded no batches")
     return torch.cat(probabilities), torch.cat(labels)

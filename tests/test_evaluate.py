@@ -121,3 +121,24 @@ def test_predict_reads_logits_attribute_and_checks_batches() -> None:
     assert preds.tolist() == [0, 1] and labels.tolist() == [0, 1]
     with pytest.raises(KeyError, match=r"batch 0 lacks \['labels'\]"):
         predict(Wrapped(), [{"input_ids": batch["input_ids"]}], device="cpu", progress=False)
+
+
+def test_eval_mode_restores_each_module_flag_and_disables_grad():
+    import torch
+    from torch import nn
+
+    from pipeline.evaluate import eval_mode
+
+    model = nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5))
+    model.train()
+    model[0].eval()  # deliberately different from its parent
+    with eval_mode(model) as inside:
+        assert inside is model and not model.training and not model[1].training
+        assert not model[0](torch.ones(1, 2)).requires_grad
+    assert model.training and model[1].training and not model[0].training
+    try:
+        with eval_mode(model):
+            raise RuntimeError("boom")
+    except RuntimeError:
+        pass
+    assert model.training and not model[0].training and torch.is_grad_enabled()

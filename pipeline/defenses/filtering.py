@@ -64,6 +64,8 @@ from datasets import Dataset
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from pipeline.evaluate import eval_mode
+
 logger = logging.getLogger(__name__)
 
 EncodeFn = Callable[[list[str]], Tensor]
@@ -173,7 +175,6 @@ def _labels_list(labels: Sequence[int] | Tensor, num_rows: int, what: str) -> li
 # ----------------------------------------------------------------------------- representations
 
 
-@torch.no_grad()
 def model_representations(
     model: nn.Module,
     tokenizer: Any,
@@ -223,10 +224,8 @@ def model_representations(
     if device is None:
         device = next(model.parameters()).device
     texts = [str(text) for text in texts]
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
     parts: list[Tensor] = []
-    try:
+    with eval_mode(model):
         for start in range(0, len(texts), batch_size):
             input_ids, attention_mask = _pad_batch(tokenizer, texts[start : start + batch_size], max_length)
             output = model(
@@ -247,9 +246,6 @@ def model_representations(
                 index = (mask * positions).argmax(dim=1)  # last position whose mask is 1
             pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), index]  # (b, hidden)
             parts.append(pooled.float().cpu())
-    finally:
-        for module, training in modes:
-            module.training = training
     if not parts:
         hidden_size = getattr(getattr(model, "config", None), "hidden_size", 0)
         return torch.empty(0, hidden_size)

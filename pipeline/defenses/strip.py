@@ -136,13 +136,10 @@ def model_predict_proba(
     if device is None:
         device = next(model.parameters()).device
 
-    @torch.no_grad()
     def predict_proba(texts: list[str]) -> Tensor:
         texts = [str(text) for text in texts]
-        modes = [(module, module.training) for module in model.modules()]
-        model.eval()
         parts: list[Tensor] = []
-        try:
+        with ev.eval_mode(model):
             starts = range(0, len(texts), batch_size)
             for start in tqdm(starts, desc="predict", disable=not progress, leave=False):
                 chunk = texts[start : start + batch_size]
@@ -163,9 +160,6 @@ def model_predict_proba(
                 output = model(**inputs)
                 logits = output if isinstance(output, Tensor) else output.logits  # (b, num_labels)
                 parts.append(torch.softmax(logits.float(), dim=-1).cpu())
-        finally:
-            for module, training in modes:
-                module.training = training
         if not parts:
             num_labels = getattr(getattr(model, "config", None), "num_labels", 0)
             return torch.empty(0, num_labels)
