@@ -532,6 +532,11 @@ def publish(grid: Grid, report_text: str, plots: Sequence[Path]) -> None:
     ckpt.atomic_write_text(target / "REPORT.md", report_text)
 
 
+def grid_source(grid: Grid, method: str) -> str:
+    """The method a derived method starts from (its name when it is not derived)."""
+    return next((c.source for c in grid.cells if c.method == method and c.source), method)
+
+
 def render_report(
     grid: Grid, rows: Sequence[Mapping[str, Any]], plots: Sequence[Path], frequency: Sequence[Path] = ()
 ) -> str:
@@ -568,6 +573,9 @@ def render_report(
         seconds = statistics.mean(float(r["train_seconds"] or 0) for r in group)
         memory = statistics.mean(float(r["peak_memory_mb"] or 0) for r in group)
         params = group[0]["trainable_parameters"]
+        if not seconds and not params:  # an inference-time defence: no training of its own
+            lines.append(f"| {method} | {len(group)} | - (evaluates the {grid_source(grid, method)} model) | - | - |")
+            continue
         lines.append(f"| {method} | {len(group)} | {seconds:.0f} | {memory:.0f} | {params} |")
     lines.append("")
     if plots:
