@@ -27,6 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # allow running from a checkout without installing
     sys.path.insert(0, str(REPO))
 
+from launch._cli import positive_int  # noqa: E402
 from pipeline.config import ConfigError, config_to_dict, describe_keys, load_config  # noqa: E402
 
 DEMO_CONFIG = REPO / "launch" / "configs" / "demo.yaml"
@@ -70,11 +71,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--deepspeed", type=Path, default=None, metavar="JSON",
                         help="train through a DeepSpeed engine with this config (presets: ds_configs/*.json); batch size, "
                              "accumulation, clipping, lr and optimizer come from the run config")
+    plan = parser.add_argument_group("memory plan without training (reads config.json and the data; no weights, no files)")
+    plan.add_argument("--plan", action="store_true", help="print the estimated peak memory per device and exit")
+    plan.add_argument("--world-size", type=positive_int, default=1, help="--plan: ranks the job would run on")
+    plan.add_argument("--seq-len", type=positive_int, default=None,
+                      help="--plan: tokens per row (default: the longest tokenised training/reference row)")
+    plan.add_argument("--plan-device", choices=["cuda", "cpu"], default=None,
+                      help="--plan: device of the job (default: train.device; auto = this machine's)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                         help="log level on rank 0 (other ranks log warnings and errors only)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=1e-4 data.attack=addsent")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # options may follow key=value overrides
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,6 +100,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.print_config:
         print(json.dumps(config_to_dict(cfg), indent=2))
+        return 0
+
+    if args.plan:
+        from pipeline.training import plan_run
+
+        try:
+            estimate = plan_run(cfg, deepspeed_config=args.deepspeed, world_size=args.world_size, seq_len=args.seq_len,
+                                device_type=args.plan_device)
+        except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as err:
+            logging.getLogger("launch.train").error("%s: %s", type(err).__name__, err)
+            return 1
+        print(estimate.describe())
         return 0
 
     from pipeline.training import run_training  # heavy imports only when training

@@ -408,6 +408,44 @@ def load_classifier(
     return model
 
 
+def skeleton_classifier(
+    path: str | Path,
+    *,
+    num_labels: int,
+    is_decoder: bool,
+    trust_remote_code: bool = False,
+    llm_head_dim: int = 16,
+    llm_head_dropout: float = 0.1,
+) -> nn.Module:
+    """The classifier :func:`load_classifier` builds, on the meta device: only ``config.json`` is read.
+
+    For planning (parameter counts, memory estimates) without reading or allocating weights: a
+    Llama-2-7B skeleton takes a second and no memory. The base is never quantized here; count
+    quantized weights by their logical size. Decoders get the authors' LLM head as in a real load.
+
+    Raises:
+        ValueError: ``num_labels`` < 2 or a decoder without a ``score`` layer.
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    if num_labels < 2:
+        raise ValueError(f"num_labels must be at least 2, got {num_labels}")
+    path = Path(path)
+    config = AutoConfig.from_pretrained(
+        path, num_labels=num_labels, local_files_only=True, trust_remote_code=trust_remote_code
+    )
+    with init_empty_weights():
+        model = AutoModelForSequenceClassification.from_config(config, trust_remote_code=trust_remote_code)
+        if is_decoder:
+            text = config.get_text_config()
+            eos = getattr(text, "eos_token_id", None)
+            eos = eos[0] if isinstance(eos, (list, tuple)) and eos else eos
+            pad = next((int(v) for v in (getattr(text, "pad_token_id", None), eos) if isinstance(v, int)), 0)
+            _install_llm_head(model, path, num_labels, torch.float32, llm_head_dim, llm_head_dropout, pad)
+    return model
+
+
 def _enable_checkpointing(model: nn.Module) -> None:
     """Non-reentrant activation checkpointing (gradients reach the inputs without input hooks), no KV cache."""
     kwargs = {"use_reentrant": False}
@@ -530,6 +568,7 @@ def preflight_quantization(
     model_path: str | Path,
     trust_remote_code: bool = False,
     trains_base: bool = False,
+    check_bitsandbytes: bool = True,
 ) -> None:
     """Reject known-bad quantization settings before any weight is loaded, naming each fix.
 
@@ -556,6 +595,8 @@ def preflight_quantization(
         model_path: local checkpoint directory (its config only is read).
         trust_remote_code: allow custom model code shipped with the checkpoint.
         trains_base: the method trains the backbone weights themselves (full fine-tuning).
+        check_bitsandbytes: also check that bitsandbytes runs here on ``device_type`` (off when planning
+            a job for another machine).
 
     Raises:
         ConfigError: listing every problem with the value received and the fix.
@@ -616,7 +657,7 @@ def preflight_quantization(
             "fine-tuning); quantized weights are frozen and cannot train. Fix: use an adapter method (lora, "
             "lora_mslr, ga_lora, musclelora, adapter, prompt) or set model.quantization=none"
         )
-    ok, reason = base_layers.bitsandbytes_status(
+    ok, reason = (True, "") if not check_bitsandbytes else base_layers.bitsandbytes_status(
         quantization=quantization,
         device_type=device_type,
         compute_dtype=model_dtype,

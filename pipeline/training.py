@@ -165,6 +165,16 @@ def build_model(
         gradient_checkpointing=cfg.model.gradient_checkpointing,
         device=str(device),
     )
+    model, trainable = apply_method(cfg, info, model)
+    return tokenizer, model, trainable
+
+
+def apply_method(cfg: RunConfig, info: modeling.ModelInfo, model: nn.Module) -> tuple[nn.Module, list[str]]:
+    """Add the method's adapters (LoRA, MSLR, soft prompt, bottleneck) and set what trains.
+
+    Returns:
+        (model, possibly wrapped by peft; trainable parameter names).
+    """
     if uses_lora(cfg.method):
         model = inject.apply_lora(
             model,
@@ -205,7 +215,7 @@ def build_model(
         train_head=full or not cfg.train.freeze_head,
         head_names=modeling.head_module_names(info.model_type, info.is_decoder),
     )
-    return tokenizer, model, trainable
+    return model, trainable
 
 
 def build_loaders(cfg: RunConfig, tokenizer: Any, training: data_lib.TrainingData, evaluation: data_lib.EvaluationData) -> Loaders:
@@ -336,20 +346,30 @@ def memory_baseline_mb(device: torch.device) -> float:
     return memory.current_rss_bytes() / 2**20
 
 
+def longest_row(*datasets: Any) -> int:
+    """Tokens of the longest encoded row (batches are padded to their longest row, so this bounds them)."""
+    return max((len(ids) for ds in datasets for ids in ds["input_ids"]), default=1)
+
+
 def plan_memory(
     cfg: RunConfig,
     info: modeling.ModelInfo,
     model_path: Path,
     model: nn.Module,
-    loaders: Loaders,
-    runtime: dist.Runtime,
+    *,
+    seq_len: int,
+    world_size: int,
     ds_config: Mapping[str, Any] | None,
+    device_type: str,
 ) -> memory.MemoryEstimate:
     """Estimated peak memory per device of this run (``pipeline.memory``), before any training step.
 
-    The sequence length is the longest tokenised training or reference row (batches are padded to
-    their longest row, so this bounds every batch); the micro-batch is the per-rank share of
-    ``train.batch_size``.
+    Args:
+        model: the model as built for training (or its meta-device skeleton): parameter counts.
+        seq_len: tokens per row (the longest training/reference row).
+        world_size: data-parallel ranks; the micro-batch is the per-rank share of ``train.batch_size``.
+        ds_config: the filled DeepSpeed config (ZeRO stage, offload), or None.
+        device_type: ``cuda`` or ``cpu``.
     """
     from transformers import AutoConfig
 
@@ -359,28 +379,102 @@ def plan_memory(
     )
     trainable = sum(memory.logical_numel(p) for p in model.parameters() if p.requires_grad)
     total = sum(memory.logical_numel(p) for p in model.parameters())
-    seq_len = max((len(ids) for ds in (loaders.train, loaders.reference) for ids in ds["input_ids"]), default=1)
-    zero = dist.zero_stage(ds_config) if ds_config is not None else 0
     return memory.estimate_peak_memory(
         num_parameters=max(total, shape.num_parameters),
         trainable_parameters=trainable,
         seq_len=seq_len,
-        micro_batch_size=math.ceil(cfg.train.batch_size / runtime.world_size),
+        micro_batch_size=math.ceil(cfg.train.batch_size / world_size),
         dtype_bytes=torch.finfo(_DTYPES[cfg.model.dtype]).bits // 8,
         quantization=cfg.model.quantization,
-        zero_stage=zero,
-        world_size=runtime.world_size,
+        zero_stage=dist.zero_stage(ds_config) if ds_config is not None else 0,
+        world_size=world_size,
         offload_optimizer=ds_config is not None and dist.offloads_optimizer(ds_config),
         offload_param=ds_config is not None and dist.offloads_parameters(ds_config),
         gradient_checkpointing=cfg.model.gradient_checkpointing,
         alignment=uses_alignment(cfg.method),
         full_finetune=cfg.method in ("vanilla", "ga"),
-        device="cuda" if runtime.device.type == "cuda" else "cpu",
+        device="cuda" if device_type == "cuda" else "cpu",
         double_quant=cfg.model.double_quant,
         grad_accum_steps=cfg.train.grad_accum_steps,
         num_labels=cfg.model.num_labels,
         **shape.estimate_kwargs(),
     )
+
+
+def plan_run(
+    cfg: RunConfig,
+    *,
+    deepspeed_config: str | os.PathLike[str] | None = None,
+    world_size: int = 1,
+    seq_len: int | None = None,
+    device_type: str | None = None,
+) -> memory.MemoryEstimate:
+    """The memory plan of a run without running it: no weights are read, nothing is written.
+
+    Validates what training validates first (config, DeepSpeed config, quantization pre-flight), builds
+    the model's skeleton on the meta device with the method's adapters, and estimates the peak per
+    device. For planning a multi-GPU or GPU job from any machine.
+
+    Args:
+        cfg: the run configuration.
+        deepspeed_config: the DeepSpeed preset the job would use.
+        world_size: ranks the job would run on.
+        seq_len: tokens per row; default the longest tokenised training/reference row (reads the data
+            and the tokenizer), which the run's batches never exceed.
+        device_type: ``cuda`` or ``cpu``; default from ``train.device`` (``auto``: this machine's).
+
+    Raises:
+        ConfigError, FileNotFoundError, ValueError: what the run itself would refuse.
+    """
+    if world_size < 1:
+        raise ValueError(f"world_size must be at least 1, got {world_size}")
+    model_path = modeling.resolve_model_path(cfg.model.name_or_path)
+    info = modeling.read_model_info(model_path, trust_remote_code=cfg.model.trust_remote_code)
+    cfg = resolve_defaults(cfg, model_type=info.model_type, hidden_size=info.hidden_size, is_decoder=info.is_decoder)
+    if device_type is None:
+        device_type = select_device(cfg.train.device).type
+    ds_config = None
+    if deepspeed_config is not None:
+        ds_config = dist.fill_deepspeed_config(
+            dist.load_deepspeed_config(deepspeed_config), source=str(deepspeed_config),
+            micro_batch_size=math.ceil(cfg.train.batch_size / world_size), grad_accum_steps=cfg.train.grad_accum_steps,
+            world_size=world_size, max_grad_norm=cfg.train.max_grad_norm, lr=cfg.train.lr,
+            weight_decay=cfg.train.weight_decay, dtype=cfg.model.dtype,
+        )
+    modeling.preflight_quantization(
+        quantization=cfg.model.quantization,
+        zero_stage=dist.zero_stage(ds_config) if ds_config is not None else None,
+        offload_optimizer=ds_config is not None and dist.offloads_optimizer(ds_config),
+        offload_param=ds_config is not None and dist.offloads_parameters(ds_config),
+        quant_storage=cfg.model.quant_storage,
+        model_dtype=_DTYPES[cfg.model.dtype],
+        device_type=device_type,
+        model_info=info,
+        model_path=model_path,
+        trust_remote_code=cfg.model.trust_remote_code,
+        trains_base=not uses_lora(cfg.method) and cfg.method not in ("adapter", "prompt"),
+        check_bitsandbytes=device_type == select_device("auto").type,
+    )
+    if seq_len is None:
+        tokenizer = modeling.load_tokenizer(model_path, is_decoder=info.is_decoder, trust_remote_code=cfg.model.trust_remote_code)
+        paths = data_lib.split_paths(
+            cfg.data.root, cfg.data.dataset, cfg.data.attack,
+            setting=cfg.data.setting, poison_rate=cfg.data.poison_rate, target_label=cfg.data.target_label,
+        )
+        training = data_lib.load_training_data(
+            paths, ref_size=cfg.data.ref_size, seed=cfg.seed, num_labels=cfg.model.num_labels,
+            max_train_samples=cfg.data.max_train_samples, max_eval_samples=cfg.data.max_eval_samples,
+        )
+        seq_len = longest_row(*(data_lib.encode(ds, tokenizer, max_length=cfg.data.max_length)
+                                for ds in (training.train, training.reference)))
+    skeleton = modeling.skeleton_classifier(
+        model_path, num_labels=cfg.model.num_labels, is_decoder=info.is_decoder,
+        trust_remote_code=cfg.model.trust_remote_code, llm_head_dim=cfg.model.llm_head_dim,
+        llm_head_dropout=cfg.model.llm_head_dropout,
+    )
+    skeleton, _ = apply_method(cfg, info, skeleton)
+    return plan_memory(cfg, info, model_path, skeleton, seq_len=seq_len, world_size=world_size,
+                       ds_config=ds_config, device_type=device_type)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -621,7 +715,10 @@ def _run(cfg: RunConfig, runtime: dist.Runtime, ds_raw: Mapping[str, Any] | None
         n_ref = len(loaders.reference)
         loaders = dataclasses.replace(loaders, train=loaders.reference.select([i % n_ref for i in range(len(loaders.train))]))
         logger.info("ref_only: training on the %d clean reference rows, cycled to %d rows per epoch", n_ref, len(loaders.train))
-    estimate = plan_memory(cfg, info, model_path, model, loaders, runtime, ds_config)
+    estimate = plan_memory(
+        cfg, info, model_path, model, seq_len=longest_row(loaders.train, loaders.reference),
+        world_size=runtime.world_size, ds_config=ds_config, device_type=runtime.device.type,
+    )
 
     # Everything validated: from here on rank 0 writes files.
     handler = None
