@@ -401,6 +401,62 @@ def plan_memory(
     )
 
 
+def _training_data(cfg: RunConfig) -> tuple[data_lib.SplitPaths, data_lib.TrainingData]:
+    """The split files of the configured dataset/attack and the training, reference and selection rows."""
+    paths = data_lib.split_paths(
+        cfg.data.root, cfg.data.dataset, cfg.data.attack,
+        setting=cfg.data.setting, poison_rate=cfg.data.poison_rate, target_label=cfg.data.target_label,
+    )
+    training = data_lib.load_training_data(
+        paths, ref_size=cfg.data.ref_size, seed=cfg.seed, num_labels=cfg.model.num_labels,
+        max_train_samples=cfg.data.max_train_samples, max_eval_samples=cfg.data.max_eval_samples,
+    )
+    return paths, training
+
+
+def _validated_setup(
+    cfg: RunConfig,
+    *,
+    ds_raw: Mapping[str, Any] | None,
+    ds_source: str,
+    world_size: int,
+    device_type: str,
+    check_bitsandbytes: bool = True,
+) -> tuple[RunConfig, Path, modeling.ModelInfo, dict[str, Any] | None]:
+    """What a run checks before it reads any weight: model directory, per-family defaults, the filled
+    DeepSpeed config and the quantization pre-flight. Shared by the run and its plan.
+
+    Returns:
+        (config with the family defaults resolved, model path, model info, filled DeepSpeed config or None).
+    """
+    model_path = modeling.resolve_model_path(cfg.model.name_or_path)
+    info = modeling.read_model_info(model_path, trust_remote_code=cfg.model.trust_remote_code)
+    cfg = resolve_defaults(cfg, model_type=info.model_type, hidden_size=info.hidden_size, is_decoder=info.is_decoder)
+    ds_config = None
+    if ds_raw is not None:
+        ds_config = dist.fill_deepspeed_config(
+            ds_raw, source=ds_source, micro_batch_size=math.ceil(cfg.train.batch_size / world_size),
+            grad_accum_steps=cfg.train.grad_accum_steps, world_size=world_size,
+            max_grad_norm=cfg.train.max_grad_norm, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
+            dtype=cfg.model.dtype,
+        )
+    modeling.preflight_quantization(
+        quantization=cfg.model.quantization,
+        zero_stage=dist.zero_stage(ds_config) if ds_config is not None else None,
+        offload_optimizer=ds_config is not None and dist.offloads_optimizer(ds_config),
+        offload_param=ds_config is not None and dist.offloads_parameters(ds_config),
+        quant_storage=cfg.model.quant_storage,
+        model_dtype=_DTYPES[cfg.model.dtype],
+        device_type=device_type,
+        model_info=info,
+        model_path=model_path,
+        trust_remote_code=cfg.model.trust_remote_code,
+        trains_base=not uses_lora(cfg.method) and cfg.method not in ("adapter", "prompt"),
+        check_bitsandbytes=check_bitsandbytes,
+    )
+    return cfg, model_path, info, ds_config
+
+
 def plan_run(
     cfg: RunConfig,
     *,
@@ -428,43 +484,16 @@ def plan_run(
     """
     if world_size < 1:
         raise ValueError(f"world_size must be at least 1, got {world_size}")
-    model_path = modeling.resolve_model_path(cfg.model.name_or_path)
-    info = modeling.read_model_info(model_path, trust_remote_code=cfg.model.trust_remote_code)
-    cfg = resolve_defaults(cfg, model_type=info.model_type, hidden_size=info.hidden_size, is_decoder=info.is_decoder)
     if device_type is None:
         device_type = select_device(cfg.train.device).type
-    ds_config = None
-    if deepspeed_config is not None:
-        ds_config = dist.fill_deepspeed_config(
-            dist.load_deepspeed_config(deepspeed_config), source=str(deepspeed_config),
-            micro_batch_size=math.ceil(cfg.train.batch_size / world_size), grad_accum_steps=cfg.train.grad_accum_steps,
-            world_size=world_size, max_grad_norm=cfg.train.max_grad_norm, lr=cfg.train.lr,
-            weight_decay=cfg.train.weight_decay, dtype=cfg.model.dtype,
-        )
-    modeling.preflight_quantization(
-        quantization=cfg.model.quantization,
-        zero_stage=dist.zero_stage(ds_config) if ds_config is not None else None,
-        offload_optimizer=ds_config is not None and dist.offloads_optimizer(ds_config),
-        offload_param=ds_config is not None and dist.offloads_parameters(ds_config),
-        quant_storage=cfg.model.quant_storage,
-        model_dtype=_DTYPES[cfg.model.dtype],
-        device_type=device_type,
-        model_info=info,
-        model_path=model_path,
-        trust_remote_code=cfg.model.trust_remote_code,
-        trains_base=not uses_lora(cfg.method) and cfg.method not in ("adapter", "prompt"),
+    cfg, model_path, info, ds_config = _validated_setup(
+        cfg, ds_raw=dist.load_deepspeed_config(deepspeed_config) if deepspeed_config is not None else None,
+        ds_source=str(deepspeed_config), world_size=world_size, device_type=device_type,
         check_bitsandbytes=device_type == select_device("auto").type,
     )
     if seq_len is None:
         tokenizer = modeling.load_tokenizer(model_path, is_decoder=info.is_decoder, trust_remote_code=cfg.model.trust_remote_code)
-        paths = data_lib.split_paths(
-            cfg.data.root, cfg.data.dataset, cfg.data.attack,
-            setting=cfg.data.setting, poison_rate=cfg.data.poison_rate, target_label=cfg.data.target_label,
-        )
-        training = data_lib.load_training_data(
-            paths, ref_size=cfg.data.ref_size, seed=cfg.seed, num_labels=cfg.model.num_labels,
-            max_train_samples=cfg.data.max_train_samples, max_eval_samples=cfg.data.max_eval_samples,
-        )
+        _, training = _training_data(cfg)
         seq_len = longest_row(*(data_lib.encode(ds, tokenizer, max_length=cfg.data.max_length)
                                 for ds in (training.train, training.reference)))
     skeleton = modeling.skeleton_classifier(
@@ -662,40 +691,12 @@ def _decide_output_dir(runtime: dist.Runtime, output_dir: Path, cfg: RunConfig) 
 
 def _run(cfg: RunConfig, runtime: dist.Runtime, ds_raw: Mapping[str, Any] | None, ds_source: str) -> dict[str, Any]:
     output_dir = Path(cfg.output_dir)
-    model_path = modeling.resolve_model_path(cfg.model.name_or_path)
-    info = modeling.read_model_info(model_path, trust_remote_code=cfg.model.trust_remote_code)
-    cfg = resolve_defaults(cfg, model_type=info.model_type, hidden_size=info.hidden_size, is_decoder=info.is_decoder)
-    ds_config = None
-    if ds_raw is not None:
-        ds_config = dist.fill_deepspeed_config(
-            ds_raw, source=ds_source, micro_batch_size=math.ceil(cfg.train.batch_size / runtime.world_size),
-            grad_accum_steps=cfg.train.grad_accum_steps, world_size=runtime.world_size,
-            max_grad_norm=cfg.train.max_grad_norm, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
-            dtype=cfg.model.dtype,
-        )
-    modeling.preflight_quantization(
-        quantization=cfg.model.quantization,
-        zero_stage=dist.zero_stage(ds_config) if ds_config is not None else None,
-        offload_optimizer=ds_config is not None and dist.offloads_optimizer(ds_config),
-        offload_param=ds_config is not None and dist.offloads_parameters(ds_config),
-        quant_storage=cfg.model.quant_storage,
-        model_dtype=_DTYPES[cfg.model.dtype],
-        device_type=runtime.device.type,
-        model_info=info,
-        model_path=model_path,
-        trust_remote_code=cfg.model.trust_remote_code,
-        trains_base=not uses_lora(cfg.method) and cfg.method not in ("adapter", "prompt"),
+    cfg, model_path, info, ds_config = _validated_setup(
+        cfg, ds_raw=ds_raw, ds_source=ds_source, world_size=runtime.world_size, device_type=runtime.device.type,
     )
     resuming = _decide_output_dir(runtime, output_dir, cfg)
 
-    paths = data_lib.split_paths(
-        cfg.data.root, cfg.data.dataset, cfg.data.attack,
-        setting=cfg.data.setting, poison_rate=cfg.data.poison_rate, target_label=cfg.data.target_label,
-    )
-    training = data_lib.load_training_data(
-        paths, ref_size=cfg.data.ref_size, seed=cfg.seed, num_labels=cfg.model.num_labels,
-        max_train_samples=cfg.data.max_train_samples, max_eval_samples=cfg.data.max_eval_samples,
-    )
+    paths, training = _training_data(cfg)
     evaluation = data_lib.load_evaluation_data(
         paths, num_labels=cfg.model.num_labels, max_eval_samples=cfg.data.max_eval_samples, seed=cfg.seed
     )
