@@ -20,6 +20,7 @@ A grid file (YAML) names a base run config and the axes:
       bki: {from: vanilla}                     # data filtering: launch/filter_data.py on that run, then
       cube: {from: vanilla}                    # the source method retrained on the kept rows
     run_first: [vanilla, musclelora]           # run order only: these methods across every attack first
+    run_last: [bki]                            # ... and these after every other cell (all seeds)
     publish_dir: docs                          # also copy REPORT.md and plots/ here (e.g. into the repo)
     discussion: docs/matrix_discussion.md      # markdown appended to REPORT.md (the analysis)
 
@@ -66,7 +67,7 @@ logger = logging.getLogger(__name__)
 
 _GRID_KEYS = {
     "base_config", "output_root", "datasets", "models", "attacks", "methods", "seeds", "method_seeds",
-    "overrides", "method_overrides", "cell_overrides", "title", "notes", "derived", "run_first", "publish_dir",
+    "overrides", "method_overrides", "cell_overrides", "title", "notes", "derived", "run_first", "run_last", "publish_dir",
     "discussion",
 }
 DEFENSES = ("strip", "onion")
@@ -192,9 +193,13 @@ def load_grid(path: str | os.PathLike[str]) -> Grid:
         if not isinstance(rule, dict) or set(rule) != {"match", "overrides"}:
             problems.append(f"{path}: cell_overrides[{i}] must be {{match: {{...}}, overrides: [...]}}")
     run_first = [str(m) for m in _as_list(raw.get("run_first"), "run_first", path, problems)]
-    for method in run_first:
-        if method not in axes["methods"]:
-            problems.append(f"{path}: run_first names {method!r}, which is not in methods {axes['methods']}")
+    run_last = [str(m) for m in _as_list(raw.get("run_last"), "run_last", path, problems)]
+    for key, names in (("run_first", run_first), ("run_last", run_last)):
+        for method in names:
+            if method not in axes["methods"]:
+                problems.append(f"{path}: {key} names {method!r}, which is not in methods {axes['methods']}")
+    for method in sorted(set(run_first) & set(run_last)):
+        problems.append(f"{path}: {method!r} is in both run_first and run_last")
     common = [str(o) for o in _as_list(raw.get("overrides"), "overrides", path, problems)]
     for override in common:
         if override.split("=", 1)[0] in ("method", "seed", "data.attack", "data.dataset", "model.name_or_path", "output_dir"):
@@ -206,7 +211,8 @@ def load_grid(path: str | os.PathLike[str]) -> Grid:
     positions: list[int] = []
     # First seed of every method across the grid first, then the extra seeds: a partial grid is a
     # complete one-seed table early. Within a seed position, run_first methods go first (in that
-    # order, across every attack); the report keeps the order of ``methods``.
+    # order, across every attack); run_last methods after all other cells; the report keeps the
+    # order of ``methods``.
     for position, dataset, model, attack, method in itertools.product(
         range(max(len(v) for v in [seeds_default, *method_seeds.values()])),
         axes["datasets"] or [None], axes["models"] or [None], axes["attacks"], axes["methods"],
@@ -228,7 +234,8 @@ def load_grid(path: str | os.PathLike[str]) -> Grid:
                 cells.append(Cell(str(dataset or "default"), str(model or "default"), str(attack), str(method), int(seed), tuple(extra)))
             positions.append(position)
     rank = {method: i for i, method in enumerate(run_first)}
-    order = sorted(range(len(cells)), key=lambda i: (positions[i], rank.get(cells[i].method, len(rank)), i))
+    last = set(run_last)
+    order = sorted(range(len(cells)), key=lambda i: (cells[i].method in last, positions[i], rank.get(cells[i].method, len(rank)), i))
     cells = [cells[i] for i in order]
     return Grid(
         path=path, base_config=base, output_root=output_root, cells=tuple(cells),

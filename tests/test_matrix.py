@@ -243,19 +243,23 @@ def test_derived_method_errors(tmp_path):
         load_grid(_grid_file(tmp_path, "attacks: [badnets]\nmethods: [vanilla, strip]\nderived: {strip: {from: lora}}\n"))
 
 
-def test_run_first_runs_those_methods_across_attacks_first_and_keeps_report_order(tmp_path):
+def test_run_first_and_run_last_order_the_cells_and_keep_report_order(tmp_path):
     grid = load_grid(_grid_file(tmp_path, f"""
 output_root: {tmp_path / 'out'}
 attacks: [badnets, addsent]
-methods: [vanilla, lora, musclelora]
+methods: [vanilla, lora, musclelora, bki]
 method_seeds: {{musclelora: [1, 2]}}
 seeds: [1]
 run_first: [musclelora, vanilla]
+run_last: [bki]
+derived: {{bki: {{from: vanilla}}}}
 """))
     keys = [(c.attack, c.method, c.seed) for c in grid.cells]
     assert keys == [("badnets", "musclelora", 1), ("addsent", "musclelora", 1), ("badnets", "vanilla", 1),
                     ("addsent", "vanilla", 1), ("badnets", "lora", 1), ("addsent", "lora", 1),
-                    ("badnets", "musclelora", 2), ("addsent", "musclelora", 2)]
-    assert grid.methods == ("vanilla", "lora", "musclelora")
+                    ("badnets", "musclelora", 2), ("addsent", "musclelora", 2), ("badnets", "bki", 1), ("addsent", "bki", 1)]
+    assert grid.methods == ("vanilla", "lora", "musclelora", "bki")
+    with pytest.raises(ConfigError, match="'lora' is in both run_first and run_last"):
+        load_grid(_grid_file(tmp_path, "attacks: [badnets]\nmethods: [lora]\nrun_first: [lora]\nrun_last: [lora]\n"))
     with pytest.raises(ConfigError, match="run_first names 'prefix'"):
         load_grid(_grid_file(tmp_path, "attacks: [badnets]\nmethods: [vanilla]\nrun_first: [prefix]\n"))
