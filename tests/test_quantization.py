@@ -8,6 +8,7 @@ and configuration tests run without bitsandbytes (its status is stubbed where a 
 
 from __future__ import annotations
 
+import logging
 import re
 import subprocess
 import sys
@@ -455,3 +456,16 @@ def test_training_after_an_evaluation_pass_keeps_every_gradient(bnb, tiny_llama_
     assert fresh.keys() == after_eval.keys() and all(g is not None for g in after_eval.values())
     for name, grad in fresh.items():
         torch.testing.assert_close(after_eval[name], grad, rtol=0, atol=0, msg=name)
+
+
+def test_bitsandbytes_kernels_hub_warning_is_replaced_by_an_accurate_notice() -> None:
+    """bitsandbytes' import warning names our own kernels/__init__.py; the pipeline says what it means instead."""
+    pytest.importorskip("bitsandbytes")
+    code = ("import logging; logging.basicConfig(level=logging.INFO)\n"
+            "from pipeline.adapters import base_layers\nimport bitsandbytes\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Failed to load CPU gemm_4bit_forward" not in done.stderr
+    other = logging.LogRecord("bitsandbytes.backends.cpu.ops", logging.WARNING, __file__, 1, "something else", None, None)
+    assert base_layers._KernelsHubNotice().filter(other)

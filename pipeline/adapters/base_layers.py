@@ -61,6 +61,33 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+
+class _KernelsHubNotice(logging.Filter):
+    """Replace bitsandbytes' import-time warning about the Hugging Face ``kernels`` package by one that
+    says what it means here.
+
+    bitsandbytes (0.50, CPU) tries ``from kernels import get_kernel`` for an optional faster 4-bit GEMM.
+    That package is not a dependency of this project, and when it runs from a checkout our own top-level
+    ``kernels`` package (the fused MSLR op) is found first, so bitsandbytes' warning names our file.
+    Either way bitsandbytes falls back to its built-in CPU path; results are the same.
+    """
+
+    _told = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.getMessage().startswith("Failed to load CPU gemm_4bit_forward from kernels-community"):
+            return True
+        if not _KernelsHubNotice._told:
+            _KernelsHubNotice._told = True
+            logger.info(
+                "bitsandbytes: the optional Hugging Face `kernels` CPU 4-bit GEMM is not used (the package is not "
+                "installed, or this project's own `kernels` package shadows it); bitsandbytes' built-in CPU path runs"
+            )
+        return False
+
+
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_KernelsHubNotice())
+
 QuantizationMode = Literal["none", "nf4", "fp4", "int8"]
 QUANTIZATION_MODES: tuple[str, ...] = get_args(QuantizationMode)
 QuantStorage = Literal["auto", "uint8", "float32", "bfloat16", "float16"]
