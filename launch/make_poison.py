@@ -7,8 +7,7 @@
 
 The result, <out-root>/<dataset>/<target-label>/<attack>/, is read by launch/train.py with
 data.root=<out-root> data.attack=<attack> data.setting=<setting> data.poison_rate=<rate>
-(data.setting takes clean or mix; a --setting dirty folder is written the same way but the loader
-does not accept that setting name yet).
+(clean, dirty and mix folders alike).
 StyleBkd / SynBkd need --paraphraser (a local seq2seq checkpoint folder); without one, train on the
 published CSVs under poison_data/<dataset>/<target>/stylebkd|synbkd.
 """

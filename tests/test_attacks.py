@@ -257,6 +257,9 @@ def test_dirty_setting_loads_with_explicit_paths(source: CleanSource, tmp_path: 
     )
     training = load_training_data(paths, ref_size=2, seed=0)
     assert sum(training.train["label"]) == 24 + 8
+    # ... and through the loader's own layout lookup (data.setting=dirty), the same file.
+    found = split_paths(tmp_path, "toy", "badnets", setting="dirty", poison_rate="0.2", target_label=TARGET)
+    assert found.train == summary.train_path
 
 
 def test_real_sst2_badnets_source(sst2_root: Path, tmp_path: Path) -> None:
