@@ -8,6 +8,11 @@ ranks gets ``--threads / 2`` threads so both layouts use the same cores.
 
     python benchmarks/bench_distributed_step.py --out runs/bench_dist            # all cells
     python benchmarks/bench_distributed_step.py --layouts single zero2 --steps 8
+    python benchmarks/bench_distributed_step.py --layouts single --llama-shape 512x8 --out runs/bench_step_llama
+
+``--llama-shape HIDDENxLAYERS`` replaces MiniLM by a random Llama of that shape (intermediate
+2.6875 x hidden, 64-wide heads, the test suite's small BPE tokenizer), built once into ``--out``;
+the LLM recipe's adapters apply (LoRA r=2 on q/v, MSLR on the head's hidden -> 16 layer).
 
 Prints a markdown table (paste into docs/BENCHMARKS.md) and writes ``results.json`` to ``--out``.
 """
@@ -96,9 +101,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-samples", type=int, default=32)
     parser.add_argument("--attack", default="badnets")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads in total, split across ranks")
+    parser.add_argument("--llama-shape", default=None, metavar="HIDDENxLAYERS",
+                        help="a random Llama of this shape instead of MiniLM, e.g. 512x8")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.llama_shape:
+        try:
+            hidden, layers = (int(v) for v in args.llama_shape.lower().split("x"))
+        except ValueError:
+            parser.error(f"--llama-shape: {args.llama_shape!r} is not HIDDENxLAYERS, e.g. 512x8")
+        checkpoint = args.out / f"llama_{hidden}x{layers}"
+        if not (checkpoint / "config.json").exists():
+            sys.path.insert(0, str(REPO))
+            from pipeline.testing import build_tiny_checkpoint
+
+            build_tiny_checkpoint("llama", checkpoint, shape={
+                "hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": max(1, hidden // 64),
+                "intermediate_size": int(hidden * 2.6875),
+            })
+        # The decoder recipe's defaults fill LoRA/MSLR/alignment; keep the demo's lr/epochs/batch below.
+        args.overrides = [f"model.name_or_path={checkpoint}", "mslr.scales=[1,2,3,4]", *args.overrides]
     rows = [run_cell(args.out, method, layout, args) for layout in args.layouts for method in args.methods]
     (args.out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
     by = {(r["method"], r["layout"]): r for r in rows}

@@ -170,8 +170,9 @@ def build_tiny_tokenizer(family: TinyFamily) -> PreTrainedTokenizerFast:
     )
 
 
-def _tiny_model(family: TinyFamily, tokenizer: PreTrainedTokenizerFast) -> torch.nn.Module:
-    """Instantiate the randomly initialised tiny pretraining model of ``family``."""
+def _tiny_model(family: TinyFamily, tokenizer: PreTrainedTokenizerFast, shape: dict[str, int] | None = None) -> torch.nn.Module:
+    """Instantiate the randomly initialised tiny pretraining model of ``family`` (``shape`` overrides
+    ``hidden_size``, ``num_hidden_layers``, ``num_attention_heads``, ``intermediate_size``)."""
     import transformers
 
     vocab_size = len(tokenizer)
@@ -182,10 +183,15 @@ def _tiny_model(family: TinyFamily, tokenizer: PreTrainedTokenizerFast) -> torch
         num_attention_heads=TINY_HEADS,
         intermediate_size=TINY_INTERMEDIATE,
     )
+    unknown = sorted(set(shape or {}) - (set(common) - {"vocab_size"}))
+    if unknown:
+        raise ValueError(f"shape: unknown keys {unknown}; use hidden_size, num_hidden_layers, num_attention_heads, intermediate_size")
+    common.update(shape or {})
+    heads = common["num_attention_heads"]
     if family == "llama":
         config = transformers.LlamaConfig(
             **common,
-            num_key_value_heads=TINY_HEADS,
+            num_key_value_heads=heads,
             max_position_embeddings=TINY_MAX_POSITIONS,
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
@@ -196,7 +202,7 @@ def _tiny_model(family: TinyFamily, tokenizer: PreTrainedTokenizerFast) -> torch
     if family == "mistral":
         config = transformers.MistralConfig(
             **common,
-            num_key_value_heads=TINY_HEADS // 2,
+            num_key_value_heads=heads // 2,
             max_position_embeddings=TINY_MAX_POSITIONS,
             sliding_window=None,
             bos_token_id=tokenizer.bos_token_id,
@@ -209,10 +215,10 @@ def _tiny_model(family: TinyFamily, tokenizer: PreTrainedTokenizerFast) -> torch
         config = transformers.GPT2Config(
             vocab_size=vocab_size,
             n_positions=TINY_MAX_POSITIONS,
-            n_embd=TINY_HIDDEN,
-            n_layer=TINY_LAYERS,
-            n_head=TINY_HEADS,
-            n_inner=TINY_INTERMEDIATE,
+            n_embd=common["hidden_size"],
+            n_layer=common["num_hidden_layers"],
+            n_head=heads,
+            n_inner=common["intermediate_size"],
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
         )
@@ -235,7 +241,9 @@ def _tiny_model(family: TinyFamily, tokenizer: PreTrainedTokenizerFast) -> torch
     raise ValueError(f"unknown tiny model family {family!r}; choose one of llama, mistral, gpt2, bert, roberta")
 
 
-def build_tiny_checkpoint(family: TinyFamily, directory: str | Path, *, seed: int = 0) -> Path:
+def build_tiny_checkpoint(
+    family: TinyFamily, directory: str | Path, *, seed: int = 0, shape: dict[str, int] | None = None
+) -> Path:
     """Write a tiny random pretrained checkpoint with its tokenizer into ``directory``.
 
     The checkpoint is saved as the pretraining class a real release uses (``LlamaForCausalLM``,
@@ -247,6 +255,8 @@ def build_tiny_checkpoint(family: TinyFamily, directory: str | Path, *, seed: in
         family: one of ``"llama"``, ``"mistral"``, ``"gpt2"``, ``"bert"``, ``"roberta"``.
         directory: output directory; created if missing, existing files are overwritten.
         seed: seed of the private RNG that draws the weights.
+        shape: larger (benchmark) sizes: ``hidden_size``, ``num_hidden_layers``, ``num_attention_heads``,
+            ``intermediate_size``; the tiny tokenizer is kept.
 
     Returns:
         The checkpoint directory as a ``Path``.
@@ -258,7 +268,7 @@ def build_tiny_checkpoint(family: TinyFamily, directory: str | Path, *, seed: in
     tokenizer = build_tiny_tokenizer(family)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = _tiny_model(family, tokenizer)
+        model = _tiny_model(family, tokenizer, shape)
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)

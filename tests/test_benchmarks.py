@@ -55,3 +55,20 @@ def test_batch_scaling_benchmark_runs_on_a_local_checkpoint(tiny_bert_dir, capsy
                                       "--repeats", "2"])
     assert ratio > 0
     assert "time(2B)/time(B) =" in capsys.readouterr().out
+
+
+def test_tiny_checkpoint_builder_takes_a_benchmark_shape(tmp_path):
+    import json
+
+    import pytest
+
+    from pipeline.testing import build_tiny_checkpoint
+
+    path = build_tiny_checkpoint("llama", tmp_path / "m", shape={"hidden_size": 128, "num_hidden_layers": 3,
+                                                                 "num_attention_heads": 2, "intermediate_size": 344})
+    config = json.loads((path / "config.json").read_text())
+    assert (config["hidden_size"], config["num_hidden_layers"], config["num_attention_heads"], config["num_key_value_heads"],
+            config["intermediate_size"]) == (128, 3, 2, 2, 344)
+    assert (path / "tokenizer.json").is_file()
+    with pytest.raises(ValueError, match="unknown keys \\['layers'\\]"):
+        build_tiny_checkpoint("llama", tmp_path / "x", shape={"layers": 3})
