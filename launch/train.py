@@ -112,6 +112,12 @@ def main(argv: list[str] | None = None) -> int:
             logging.getLogger("launch.train").error("%s: %s", type(err).__name__, err)
             return 1
         print(estimate.describe())
+        if not estimate.inputs.get("gradient_checkpointing"):
+            from pipeline import memory
+
+            checkpointed = memory.estimate_peak_memory(**{**estimate.inputs, "gradient_checkpointing": True})
+            print(f"  with model.gradient_checkpointing=true: {checkpointed.total / 2**20:.1f} MiB "
+                  f"(activations {checkpointed.activations / 2**20:.1f} MiB, about 30% more compute)")
         return 0
 
     from pipeline.training import run_training  # heavy imports only when training

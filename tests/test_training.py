@@ -564,6 +564,12 @@ def test_plan_of_a_llama2_7b_shape_from_its_config_alone(tmp_path):
                  "--deepspeed", str(REPO / "ds_configs" / "zero3.json"))
     assert eight.returncode == 0, eight.stderr[-3000:]
     assert "ZeRO stage 3 x 8 device(s); micro-batch 2 x 128 tokens" in eight.stdout
+    # Without checkpointing, the plan also says what checkpointing would give: the recipe's own number.
+    bare = plan("--config", str(REPO / "launch" / "configs" / "llama2_7b_nf4.yaml"), "model.gradient_checkpointing=false")
+    assert bare.returncode == 0, bare.stderr[-3000:]
+    hint = next(line for line in bare.stdout.splitlines() if "with model.gradient_checkpointing=true" in line)
+    assert float(hint.split(": ")[1].split()[0]) == pytest.approx(total, abs=0.1)
+    assert "with model.gradient_checkpointing=true" not in one.stdout
     refused = plan("--config", str(REPO / "launch" / "configs" / "llama2_7b_nf4.yaml"), "model.quantization=int8",
                    "--deepspeed", str(REPO / "ds_configs" / "zero3.json"))
     assert refused.returncode == 1 and "ZeRO-3" in refused.stderr
