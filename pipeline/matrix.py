@@ -539,6 +539,15 @@ def publish(grid: Grid, report_text: str, plots: Sequence[Path]) -> None:
     ckpt.atomic_write_text(target / "REPORT.md", report_text)
 
 
+def _shown(path: Path) -> str:
+    """A path as a reader should type it: relative to the repository when inside it."""
+    repo = Path(__file__).resolve().parents[1]
+    try:
+        return Path(path).resolve().relative_to(repo).as_posix()
+    except ValueError:
+        return str(path)
+
+
 def grid_source(grid: Grid, method: str) -> str:
     """The method a derived method starts from (its name when it is not derived)."""
     return next((c.source for c in grid.cells if c.method == method and c.source), method)
@@ -553,8 +562,8 @@ def render_report(
     if grid.notes:
         lines += [grid.notes.strip(), ""]
     lines += [
-        f"Grid file: `{grid.path.name}` (base config `{grid.base_config.name}`); {done} of {total} cells finished.",
-        f"Reproduce: `python launch/matrix.py --config {grid.path.name}` (resumable; finished cells are skipped).",
+        f"Grid file: `{_shown(grid.path)}` (base config `{_shown(grid.base_config)}`); {done} of {total} cells finished.",
+        f"Reproduce: `python launch/matrix.py --config {_shown(grid.path)}` (resumable; finished cells are skipped).",
         "",
         "Settings shared by every cell: " + (", ".join(f"`{o}`" for o in grid.raw.get("overrides") or []) or "the base config"),
         "",
