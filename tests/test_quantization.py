@@ -352,7 +352,9 @@ def test_mslr_over_a_quantized_linear_equals_mslr_over_its_dequantized_weight(
     b_ref = layer.lora_b.detach().clone().requires_grad_(True)
     ref = mslr_reference(x_ref, weight, None, a_ref, b_ref, layer.scale_vector())
     ref_grads = torch.autograd.grad(ref, (x_ref, a_ref, b_ref), g)
-    exact = {"rtol": 1e-5, "atol": 1e-5}
+    # float32 sums in another order (the generic path vs the reference; the split depends on the thread
+    # count): a few ulps of gradients of order 1.
+    exact = {"rtol": 1e-5, "atol": 1e-4}
     # 4-bit computes with exactly `weight`. LLM.int8 also quantizes the activations row-wise to 8 bits
     # (after a float16 cast), so its base product and input gradient carry about 1/127 of a row's range.
     base_tol = exact if mode != "int8" else {"rtol": 0.0, "atol": 1e-2 * ref.abs().max().item()}
@@ -461,11 +463,14 @@ def test_training_after_an_evaluation_pass_keeps_every_gradient(bnb, tiny_llama_
 def test_bitsandbytes_kernels_hub_warning_is_replaced_by_an_accurate_notice() -> None:
     """bitsandbytes' import warning names our own kernels/__init__.py; the pipeline says what it means instead."""
     pytest.importorskip("bitsandbytes")
-    code = ("import logging; logging.basicConfig(level=logging.INFO)\n"
-            "from pipeline.adapters import base_layers\nimport bitsandbytes\n")
+    code = ("import logging, torch; logging.basicConfig(level=logging.INFO)\n"
+            "from pipeline.adapters import base_layers\n"
+            "assert not logging.getLogger('bitsandbytes.backends.cpu.ops').filters  # importing has no side effect\n"
+            "print(base_layers.bitsandbytes_status(quantization='nf4', device_type='cpu', compute_dtype=torch.float32,"
+            " quant_storage=torch.float32))\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           cwd=Path(__file__).resolve().parents[1])
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "Failed to load CPU gemm_4bit_forward" not in done.stderr
+    assert "Failed to load CPU gemm_4bit_forward" not in done.stderr and "(True, 'bitsandbytes" in done.stdout
     other = logging.LogRecord("bitsandbytes.backends.cpu.ops", logging.WARNING, __file__, 1, "something else", None, None)
     assert base_layers._KernelsHubNotice().filter(other)

@@ -86,7 +86,11 @@ class _KernelsHubNotice(logging.Filter):
         return False
 
 
-logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_KernelsHubNotice())
+def _install_log_notice() -> None:
+    """Attach :class:`_KernelsHubNotice` to bitsandbytes' CPU-ops logger once, before bitsandbytes is imported."""
+    target = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    if not any(isinstance(f, _KernelsHubNotice) for f in target.filters):
+        target.addFilter(_KernelsHubNotice())
 
 QuantizationMode = Literal["none", "nf4", "fp4", "int8"]
 QUANTIZATION_MODES: tuple[str, ...] = get_args(QuantizationMode)
@@ -294,6 +298,7 @@ def bitsandbytes_config(
         raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_MODES)}, got {quantization!r}")
     if quantization == "none":
         return None
+    _install_log_notice()  # loading a model with this config imports bitsandbytes
     from transformers import BitsAndBytesConfig
 
     skip = list(skip_modules)
@@ -353,6 +358,7 @@ def bitsandbytes_status(
     """
     if quantization == "none":
         return True, "no quantization"
+    _install_log_notice()
     try:
         import bitsandbytes as bnb
     except Exception as error:  # ImportError, or a broken native library raising anything at import
