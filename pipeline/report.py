@@ -93,6 +93,7 @@ def matrix_plots(rows: Sequence[Mapping[str, Any]], methods: Sequence[str], atta
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -146,11 +147,22 @@ def matrix_plots(rows: Sequence[Mapping[str, Any]], methods: Sequence[str], atta
                 axes[row_index][j].plot(range(epochs), curve, marker="o", ms=3, color=colors(i % 10), label=method)
         axes[0][j].set_title(attack)
         axes[1][j].set_xlabel("epoch")
+        for row in axes:
+            row[j].xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
     axes[0][0].set_ylabel("dev-clean acc (%)")
     axes[1][0].set_ylabel("dev-poison ASR (%), monitor")
-    if axes[0][-1].get_lines():
-        axes[0][-1].legend(fontsize=7)
-    fig.tight_layout()
+    # One legend for the figure: every method drawn in any panel, in the grid's order.
+    handles = {}
+    for panel in axes.flat:
+        for line in panel.get_lines():
+            handles.setdefault(line.get_label(), line)
+    if handles:
+        labels = [m for m in present if m in handles]
+        fig.legend([handles[m] for m in labels], labels, loc="upper center", ncol=min(len(labels), 8), fontsize=7,
+                   bbox_to_anchor=(0.5, 1.0))
+        fig.tight_layout(rect=(0, 0, 1, 0.94))
+    else:
+        fig.tight_layout()
     path = out / "epoch_curves.png"
     fig.savefig(path, dpi=90)
     plt.close(fig)
