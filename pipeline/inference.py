@@ -44,6 +44,7 @@ from torch.utils.data import DataLoader
 from pipeline import data as data_lib
 from pipeline import evaluate as ev
 from pipeline import modeling
+from pipeline.adapters import base_layers
 from pipeline.adapters.state import CONFIG_NAME, WEIGHTS_NAME, load_adapter
 from pipeline.checkpoint import COMPLETE_MARKER
 from pipeline.config import RunConfig, config_from_dict, resolve_defaults
@@ -218,6 +219,7 @@ def load_run(run_dir: str | Path, device: torch.device | str = "auto") -> tuple[
         RunDirError: Not a finished run, the model directory is gone, or the adapter does not fit.
         ConfigError: The saved config is not valid for this version of the code.
     """
+    base_layers.install_log_notice()
     files = finished_run_files(run_dir)
     cfg, info, model_path = _resolved_config(files)
     chosen = resolve_device(device)

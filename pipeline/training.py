@@ -37,13 +37,12 @@ import yaml
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import get_linear_schedule_with_warmup
 
 from pipeline import checkpoint as ckpt
 from pipeline import distributed as dist
 from pipeline import frequency
 from pipeline import memory
-from pipeline.adapters import inject
+from pipeline.adapters import base_layers, inject
 from pipeline.adapters.bottleneck import default_bottleneck_targets, inject_bottleneck
 from pipeline.adapters.state import adapter_tensor_names, load_adapter, save_adapter
 from pipeline.alignment import align_gradients
@@ -491,6 +490,7 @@ def plan_run(
     """
     if world_size < 1:
         raise ValueError(f"world_size must be at least 1, got {world_size}")
+    base_layers.install_log_notice()
     if device_type is None:
         device_type = select_device(cfg.train.device).type
     cfg, model_path, info, ds_config = _validated_setup(
@@ -669,6 +669,7 @@ def run_training(cfg: RunConfig, *, deepspeed_config: str | os.PathLike[str] | N
     Returns:
         The metrics also written to ``output_dir/metrics.json``.
     """
+    base_layers.install_log_notice()  # before peft, which imports bitsandbytes when installed
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     device = select_device(cfg.train.device)
@@ -854,6 +855,8 @@ def _train_and_evaluate(
     total_steps = steps_per_epoch * cfg.train.epochs
     if cfg.train.max_steps > 0:
         total_steps = min(total_steps, cfg.train.max_steps)
+    from transformers import get_linear_schedule_with_warmup  # imports bitsandbytes when installed: after the notice
+
     scheduler = get_linear_schedule_with_warmup(
         engine.optimizer, num_warmup_steps=int(cfg.train.warmup_ratio * total_steps), num_training_steps=total_steps
     )

@@ -79,15 +79,20 @@ class _KernelsHubNotice(logging.Filter):
             return True
         if not _KernelsHubNotice._told:
             _KernelsHubNotice._told = True
-            logger.info(
+            logger.debug(
                 "bitsandbytes: the optional Hugging Face `kernels` CPU 4-bit GEMM is not used (the package is not "
                 "installed, or this project's own `kernels` package shadows it); bitsandbytes' built-in CPU path runs"
             )
         return False
 
 
-def _install_log_notice() -> None:
-    """Attach :class:`_KernelsHubNotice` to bitsandbytes' CPU-ops logger once, before bitsandbytes is imported."""
+def install_log_notice() -> None:
+    """Attach :class:`_KernelsHubNotice` to bitsandbytes' CPU-ops logger (once; idempotent).
+
+    Call it before bitsandbytes is first imported: by this module, by transformers when loading a
+    quantized model, or by ``import peft``, which imports bitsandbytes whenever it is installed. The
+    pipeline's entry points (``run_training``, ``plan_run``, ``load_run``) do.
+    """
     target = logging.getLogger("bitsandbytes.backends.cpu.ops")
     if not any(isinstance(f, _KernelsHubNotice) for f in target.filters):
         target.addFilter(_KernelsHubNotice())
@@ -298,7 +303,7 @@ def bitsandbytes_config(
         raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_MODES)}, got {quantization!r}")
     if quantization == "none":
         return None
-    _install_log_notice()  # loading a model with this config imports bitsandbytes
+    install_log_notice()  # loading a model with this config imports bitsandbytes
     from transformers import BitsAndBytesConfig
 
     skip = list(skip_modules)
@@ -358,7 +363,7 @@ def bitsandbytes_status(
     """
     if quantization == "none":
         return True, "no quantization"
-    _install_log_notice()
+    install_log_notice()
     try:
         import bitsandbytes as bnb
     except Exception as error:  # ImportError, or a broken native library raising anything at import
