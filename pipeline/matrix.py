@@ -539,6 +539,20 @@ def publish(grid: Grid, report_text: str, plots: Sequence[Path]) -> None:
     ckpt.atomic_write_text(target / "REPORT.md", report_text)
 
 
+def _unfinished_lines(grid: Grid, rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Markdown lines naming the cells not finished yet, per method (empty when the grid is complete)."""
+    done = {(r["dataset"], r["model"], r["attack"], r["method"], r["seed"]) for r in rows}
+    missing: dict[str, list[str]] = defaultdict(list)
+    for c in grid.cells:
+        if (c.dataset, c.model, c.attack, c.method, c.seed) not in done:
+            missing[c.method].append(f"{c.attack}/{c.seed}")
+    if not missing:
+        return []
+    lines = ["Not finished yet (attack/seed; the table below leaves them out):", ""]
+    lines += [f"- {method}: {', '.join(cells)}" for method, cells in missing.items()]
+    return lines + [""]
+
+
 def _shown(path: Path) -> str:
     """A path as a reader should type it: relative to the repository when inside it."""
     repo = Path(__file__).resolve().parents[1]
@@ -567,6 +581,7 @@ def render_report(
         "",
         "Settings shared by every cell: " + (", ".join(f"`{o}`" for o in grid.raw.get("overrides") or []) or "the base config"),
         "",
+        *_unfinished_lines(grid, rows),
         "## CACC / ASR (clean false-positive rate) per method and attack",
         "",
         "Mean ± standard deviation over seeds. ASR counts triggered non-target test sentences predicted as the",

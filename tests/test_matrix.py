@@ -128,6 +128,8 @@ discussion: {tmp_path / 'discussion.md'}
                            capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "1 ran, 0 already finished" in first.stdout
+    partial = (tmp_path / "out" / "REPORT.md").read_text()
+    assert "1 of 2 cells finished" in partial and "Not finished yet" in partial and "- musclelora: badnets/3" in partial
     second = subprocess.run([sys.executable, str(script), "--config", str(grid_path)], capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "1 ran, 1 already finished" in second.stdout
@@ -140,6 +142,7 @@ discussion: {tmp_path / 'discussion.md'}
         assert float(row["train_seconds"]) > 0 and float(row["wall_seconds"]) > 0 and float(row["peak_memory_mb"]) > 0
     report = (out / "REPORT.md").read_text()
     assert "# tiny grid" in report and "2 of 2 cells finished" in report and "| musclelora |" in report
+    assert "Not finished yet" not in report
     for png in ("asr_cacc_bars.png", "epoch_curves.png", "frequency/badnets_musclelora_seed3/frequency_curves.png",
                 "frequency/badnets_musclelora_seed3/frequency_heatmap.png"):
         path = out / "plots" / png
