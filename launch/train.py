@@ -3,6 +3,8 @@
     python launch/train.py                                   # the demo (launch/configs/demo.yaml)
     python launch/train.py --config FILE key=value ...       # any other run
     python launch/train.py --config FILE --print-config      # show the resolved config and exit
+    python launch/train.py --config FILE --plan [--world-size 8 --deepspeed ds_configs/zero3.json]
+                                                             # estimated peak memory per device, no training
 
 Data parallel (only rank 0 writes files, logs and shows progress):
 
