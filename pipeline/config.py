@@ -995,6 +995,12 @@ def uses_mslr(method: str) -> bool:
     return method in _MSLR_METHODS
 
 
+def trains_backbone(method: str) -> bool:
+    """Whether ``method`` fine-tunes every backbone weight (vanilla, ga) instead of adding adapters."""
+    _check_method(method)
+    return not uses_lora(method) and method not in ("adapter", "prompt")
+
+
 def uses_alignment(method: str) -> bool:
     """Whether ``method`` aligns gradients to the clean reference (ga, ga_lora, musclelora)."""
     _check_method(method)

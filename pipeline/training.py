@@ -51,6 +51,7 @@ from pipeline.config import (
     RunConfig,
     config_to_dict,
     resolve_defaults,
+    trains_backbone,
     uses_alignment,
     uses_lora,
     uses_mslr,
@@ -207,7 +208,7 @@ def apply_method(cfg: RunConfig, info: modeling.ModelInfo, model: nn.Module) -> 
             model, targets=targets, reduction_factor=cfg.adapter.reduction_factor,
             activation=cfg.adapter.activation, dropout=cfg.adapter.dropout,
         )
-    full = not uses_lora(cfg.method) and cfg.method not in ("adapter", "prompt")
+    full = trains_backbone(cfg.method)
     trainable = inject.set_trainable(
         model,
         full=full,
@@ -398,7 +399,7 @@ def plan_memory(
         offload_param=ds_config is not None and dist.offloads_parameters(ds_config),
         gradient_checkpointing=cfg.model.gradient_checkpointing,
         alignment=uses_alignment(cfg.method),
-        full_finetune=cfg.method in ("vanilla", "ga"),
+        full_finetune=trains_backbone(cfg.method),
         device="cuda" if device_type == "cuda" else "cpu",
         double_quant=cfg.model.double_quant,
         grad_accum_steps=cfg.train.grad_accum_steps,
@@ -457,7 +458,7 @@ def _validated_setup(
         model_info=info,
         model_path=model_path,
         trust_remote_code=cfg.model.trust_remote_code,
-        trains_base=not uses_lora(cfg.method) and cfg.method not in ("adapter", "prompt"),
+        trains_base=trains_backbone(cfg.method),
         check_bitsandbytes=check_bitsandbytes,
     )
     return cfg, model_path, info, ds_config
