@@ -199,9 +199,11 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
         before = in_use() - baseline
         return before + memory.measure_peak(fn, device=device)
 
-    file_before = _rss_file_bytes()
+    file_before = memory.proc_status_bytes("RssFile") or 0
     measured = {"weights": phase(build), "task": 0, "reference": 0, "optimizer": 0}
-    file_backed = _rss_file_bytes() - file_before
+    # Checkpoint tensors are memory-mapped: pages the loader read stay resident (and in RSS) while the
+    # mapping lives, also those of weights a 4-bit load quantized into new anonymous memory.
+    file_backed = (memory.proc_status_bytes("RssFile") or 0) - file_before
     vocab = shape.vocab_size
     started = time.perf_counter()
     for _ in range(steps):
@@ -252,19 +254,6 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
         "samples_per_second": batch * max(steps, 1) / seconds,
         "file_backed_after_load": file_backed,
     }
-
-
-def _rss_file_bytes() -> int:
-    """File-backed resident pages of this process (``RssFile``; 0 where /proc lacks it).
-
-    Checkpoint tensors are memory-mapped: pages the loader read stay resident (and counted in RSS) while
-    the mapping lives, also those of weights a 4-bit load quantized into new anonymous memory.
-    """
-    import re
-
-    status = Path("/proc/self/status")
-    match = re.search(r"^RssFile:\s+(\d+)\s+kB", status.read_text(), re.MULTILINE) if status.exists() else None
-    return int(match.group(1)) * 1024 if match else 0
 
 
 def _mb(value: float) -> str:

@@ -692,14 +692,19 @@ def logical_numel(p: torch.Tensor) -> int:
 # ----------------------------------------------------------------------------- measurement
 
 
+def proc_status_bytes(field: str) -> int | None:
+    """A ``kB`` field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``, ``RssFile``...) in bytes; None off Linux."""
+    status = Path("/proc/self/status")
+    if not status.exists():
+        return None
+    match = re.search(rf"^{field}:\s+(\d+)\s+kB", status.read_text(), re.MULTILINE)
+    return int(match.group(1)) * 1024 if match else None
+
+
 def current_rss_bytes() -> int:
     """Resident set size of this process now (``/proc/self/status``; the peak RSS where that is missing)."""
-    status = Path("/proc/self/status")
-    if status.exists():
-        match = re.search(r"^VmRSS:\s+(\d+)\s+kB", status.read_text(), re.MULTILINE)
-        if match:
-            return int(match.group(1)) * 1024
-    return peak_rss_bytes()
+    value = proc_status_bytes("VmRSS")
+    return value if value is not None else peak_rss_bytes()
 
 
 def peak_rss_bytes() -> int:
@@ -710,11 +715,9 @@ def peak_rss_bytes() -> int:
     also keeps the high-water mark of the address space the process had before ``exec`` - a child a
     large parent forks inherits the parent's peak, which would hide every smaller peak of the child.
     """
-    status = Path("/proc/self/status")
-    if status.exists():
-        match = re.search(r"^VmHWM:\s+(\d+)\s+kB", status.read_text(), re.MULTILINE)
-        if match:
-            return int(match.group(1)) * 1024
+    value = proc_status_bytes("VmHWM")
+    if value is not None:
+        return value
     value = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(value) if sys.platform == "darwin" else int(value) * 1024
 
