@@ -6,6 +6,8 @@
 
 Resumable: finished cells (metrics.json) are skipped, interrupted ones resume from their checkpoint.
 Each cell is a separate launch/train.py process; its output goes to <output_root>/logs/.
+Finished cells whose settings the grid or base config has changed since are refused (nothing runs)
+until --rerun-changed moves them to <output_root>/replaced/ and reruns them.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from pipeline.config import ConfigError  # noqa: E402
-from pipeline.matrix import cell_dir, cell_state, load_grid, run_grid, write_outputs  # noqa: E402
+from pipeline.matrix import cell_status, load_grid, run_grid, settings_changes, write_outputs  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report-only", action="store_true", help="only rebuild results.csv, plots and REPORT.md")
     parser.add_argument("--list", action="store_true", help="print every cell with its state and exit")
     parser.add_argument("--max-cells", type=int, default=None, help="run at most this many cells, then stop")
+    parser.add_argument("--rerun-changed", action="store_true",
+                        help="rerun finished cells whose settings changed (their old results move to <output_root>/replaced/)")
     parser.add_argument("--jobs", type=int, default=1, help="cells run side by side (set train.num_threads = cores / jobs in the grid)")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     args = parser.parse_args(argv)
@@ -40,13 +44,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.list:
         for cell in grid.cells:
-            print(f"{cell_state(cell_dir(grid, cell)):<10} {cell.key}  {' '.join(cell.overrides)}")
+            state = cell_status(grid, cell)
+            changes = f"  [changed: {'; '.join(settings_changes(grid, cell))}]" if state == "changed" else ""
+            print(f"{state:<10} {cell.key}  {' '.join(cell.overrides)}{changes}")
         return 0
     if args.report_only:
         rows = write_outputs(grid)
         print(f"{len(rows)} finished cells -> {grid.output_root / 'REPORT.md'}")
         return 0
-    counts = run_grid(grid, max_cells=args.max_cells, jobs=args.jobs)
+    try:
+        counts = run_grid(grid, max_cells=args.max_cells, jobs=args.jobs, rerun_changed=args.rerun_changed)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     print(f"cells: {counts['ran']} ran, {counts['skipped']} already finished, {counts['failed']} failed, "
           f"{counts['waiting']} waiting for their source cell -> {grid.output_root / 'REPORT.md'}")
     return 1 if counts["failed"] else 0

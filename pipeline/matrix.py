@@ -35,12 +35,19 @@ A cell with ``metrics.json`` is finished and skipped; a cell with a complete che
 (``resume=true``); a cell directory without either is removed and started again. So a grid killed
 at any point and started again finishes without redoing finished cells. ``results.csv`` and
 ``REPORT.md`` are rebuilt from the finished cells' ``metrics.json`` after every cell.
+
+A finished cell records its settings (the parsed base config, its overrides, a derived cell's source
+and arguments) in ``cell.json``. When the grid file or the base config changes them afterwards, the
+cell is ``changed``: the report leaves it out, and a run refuses to start until the old results are
+set aside with ``rerun_changed`` (``--rerun-changed``: moved to ``<output_root>/replaced/``, then rerun)
+or the settings are put back. Results of two settings are never mixed in one table.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import csv
+import hashlib
 import io
 import itertools
 import json
@@ -259,6 +266,55 @@ def cell_state(run_dir: Path) -> str:
     return "stale" if run_dir.exists() else "new"
 
 
+_AXIS_KEYS = ("method", "seed", "data.attack", "data.dataset", "model.name_or_path", "output_dir", "resume")
+
+
+def cell_settings(grid: Grid, cell: Cell) -> dict[str, Any]:
+    """What a cell's result depends on besides its axes (recorded in its ``cell.json`` when it finishes).
+
+    The base config enters parsed (``yaml.safe_load``), so editing its comments changes nothing.
+    """
+    base = yaml.safe_load(grid.base_config.read_text()) if grid.base_config.is_file() else None
+    return {
+        "base_config": hashlib.sha256(json.dumps(base, sort_keys=True, default=str).encode()).hexdigest(),
+        "overrides": list(cell.overrides),
+        "source": cell.source,
+        "derived_args": list(cell.derived_args),
+    }
+
+
+def _command_overrides(command: Sequence[str]) -> list[str]:
+    """The overrides of a recorded ``launch/train.py`` command (axes, output_dir and resume left out)."""
+    tokens = list(command)
+    start = tokens.index("--config") + 2 if "--config" in tokens else 0
+    return [t for t in tokens[start:] if "=" in t and t.split("=", 1)[0] not in _AXIS_KEYS]
+
+
+def settings_changes(grid: Grid, cell: Cell) -> list[str]:
+    """How a finished cell's recorded settings differ from the grid's now (empty when equal or unrecorded).
+
+    Cells finished before settings were recorded are compared on the overrides of their recorded command.
+    """
+    path = cell_dir(grid, cell) / "cell.json"
+    if not path.is_file():
+        return []
+    recorded = json.loads(path.read_text())
+    if isinstance(recorded.get("settings"), dict):
+        before = recorded["settings"]
+    elif isinstance(recorded.get("command"), list) and cell.source is None:
+        before = {"overrides": _command_overrides(recorded["command"])}
+    else:
+        return []
+    now = cell_settings(grid, cell)
+    return [f"{key}: {before[key]!r} -> {now.get(key)!r}" for key in sorted(before) if before[key] != now.get(key)]
+
+
+def cell_status(grid: Grid, cell: Cell) -> str:
+    """:func:`cell_state`, with ``changed`` for a finished cell whose settings differ from the grid's now."""
+    state = cell_state(cell_dir(grid, cell))
+    return "changed" if state == "finished" and settings_changes(grid, cell) else state
+
+
 def cell_command(grid: Grid, cell: Cell, run_dir: Path, *, resume: bool, python: str = sys.executable) -> list[str]:
     """The ``launch/train.py`` command line of one cell."""
     repo = Path(__file__).resolve().parents[1]
@@ -320,6 +376,7 @@ def run_grid(
     runner: Callable[[list[str], Path, Mapping[str, str]], int] | None = None,
     max_cells: int | None = None,
     jobs: int = 1,
+    rerun_changed: bool = False,
 ) -> dict[str, int]:
     """Run every unfinished cell in grid order, rebuilding results.csv and REPORT.md after each.
 
@@ -330,10 +387,29 @@ def run_grid(
         runner: ``runner(command, log_file, env) -> return code`` (default: a subprocess).
         max_cells: start at most this many cells (None: all).
         jobs: cells run side by side (give each cell ``train.num_threads`` = cores / jobs).
+        rerun_changed: move finished cells whose settings changed to ``<output_root>/replaced/`` and rerun
+            them (default: refuse to start while any exists).
 
     Returns:
         Counts of cells by outcome (``skipped``, ``ran``, ``failed``).
+
+    Raises:
+        ConfigError: finished cells whose settings changed, and ``rerun_changed`` is off. Nothing ran.
     """
+    changed = {cell: settings_changes(grid, cell) for cell in grid.cells if cell_state(cell_dir(grid, cell)) == "finished"}
+    changed = {cell: changes for cell, changes in changed.items() if changes}
+    if changed and not rerun_changed:
+        raise ConfigError([
+            f"cell {cell.key} finished with other settings ({'; '.join(changes)})" for cell, changes in changed.items()
+        ] + [f"nothing ran: rerun them with --rerun-changed (their directories move to {grid.output_root / 'replaced'}) "
+             f"or put the settings back in {grid.path} / {grid.base_config}"])
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for cell in changed:
+        target = grid.output_root / "replaced" / stamp / cell.key
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(cell_dir(grid, cell)), str(target))
+        logger.warning("cell %s: settings changed (%s); its results moved to %s, rerunning", cell.key,
+                       "; ".join(changed[cell]), target)
     counts = {"skipped": 0, "ran": 0, "failed": 0, "waiting": 0}
     logs = grid.output_root / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -365,7 +441,8 @@ def run_grid(
         with lock:
             if code == 0 and cell_state(run_dir) == "finished":
                 counts["ran"] += 1
-                ckpt.atomic_write_json(run_dir / "cell.json", {"wall_seconds": wall, "command": command})
+                ckpt.atomic_write_json(run_dir / "cell.json", {"wall_seconds": wall, "command": command,
+                                                              "settings": cell_settings(grid, cell)})
             else:
                 counts["failed"] += 1
                 logger.error("cell %s failed (exit %s); see %s", cell.key, code, log_file)
@@ -394,7 +471,7 @@ def run_grid(
                 if code != 0:
                     raise RuntimeError(f"exit {code}")
                 finish_derived(cell, run_dir)
-                ckpt.atomic_write_json(run_dir / "cell.json", {"wall_seconds": wall})
+                ckpt.atomic_write_json(run_dir / "cell.json", {"wall_seconds": wall, "settings": cell_settings(grid, cell)})
                 counts["ran"] += 1
             except (RuntimeError, OSError, KeyError, ValueError) as error:
                 counts["failed"] += 1
@@ -423,7 +500,7 @@ def collect_rows(grid: Grid) -> list[dict[str, Any]]:
     rows = []
     for cell in grid.cells:
         run_dir = cell_dir(grid, cell)
-        if cell_state(run_dir) != "finished":
+        if cell_status(grid, cell) != "finished":
             continue
         metrics = json.loads((run_dir / "metrics.json").read_text())
         extra = json.loads((run_dir / "cell.json").read_text()) if (run_dir / "cell.json").is_file() else {}

@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import ConfigError
-from pipeline.matrix import cell_command, cell_dir, cell_state, load_grid, run_grid, summary_table
+from pipeline.matrix import (
+    cell_command, cell_dir, cell_state, cell_status, collect_rows, load_grid, run_grid, settings_changes, summary_table,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -92,6 +94,73 @@ def test_bookkeeping_skips_finished_resumes_checkpointed_and_restarts_stale(tmp_
     assert run_grid(grid, runner=fake_runner) == {"skipped": 4, "ran": 0, "failed": 0, "waiting": 0}
     rows = list(csv.DictReader(io.StringIO((tmp_path / "out" / "results.csv").read_text())))
     assert [r["method"] for r in rows] == ["a", "b", "c", "d"]
+
+
+def _fake_train(command, log_file, env):
+    out = Path(next(a for a in command if a.startswith("output_dir=")).split("=", 1)[1])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps({"cacc": 80.0, "asr": 20.0, "clean_fpr": 4.0, "history": [],
+                                                  "train_seconds": 1.0, "peak_memory_mb": 1.0, "trainable_parameters": 3}))
+    return 0
+
+
+def test_changed_settings_are_refused_then_rerun_with_old_results_kept(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text("# a comment\ntrain:\n  lr: 1.0e-3\n")
+    text = f"base_config: {base}\noutput_root: {tmp_path / 'out'}\nattacks: [badnets]\nmethods: [lora, prompt]\n"
+    grid_path = _grid_file(tmp_path, text)
+    assert run_grid(load_grid(grid_path), runner=_fake_train)["ran"] == 2
+    # A comment in the base config changes nothing.
+    base.write_text("# another comment\ntrain:\n  lr: 1.0e-3\n")
+    assert run_grid(load_grid(grid_path), runner=_fake_train)["skipped"] == 2
+
+    grid_path.write_text(text + "method_overrides: {prompt: [train.freeze_head=false]}\n")
+    grid = load_grid(grid_path)
+    prompt = next(c for c in grid.cells if c.method == "prompt")
+    assert settings_changes(grid, prompt) == ["overrides: [] -> ['train.freeze_head=false']"]
+    assert [cell_status(grid, c) for c in grid.cells] == ["finished", "changed"]
+    assert [r["method"] for r in collect_rows(grid)] == ["lora"]  # the report leaves the changed cell out
+    with pytest.raises(ConfigError) as info:
+        run_grid(grid, runner=_fake_train)
+    assert "cell default/default/badnets/prompt/seed42 finished with other settings" in str(info.value)
+    assert "--rerun-changed" in str(info.value)
+    assert cell_status(grid, prompt) == "changed"  # nothing moved, nothing ran
+
+    seen = []
+    counts = run_grid(grid, runner=lambda c, log, env: seen.append(c) or _fake_train(c, log, env), rerun_changed=True)
+    assert counts == {"skipped": 1, "ran": 1, "failed": 0, "waiting": 0}
+    assert "train.freeze_head=false" in seen[0]
+    replaced = list((tmp_path / "out" / "replaced").glob("*/default/default/badnets/prompt/seed42/metrics.json"))
+    assert len(replaced) == 1
+    assert [cell_status(grid, c) for c in grid.cells] == ["finished", "finished"]
+
+    # A changed base config value is a change too.
+    base.write_text("train:\n  lr: 2.0e-3\n")
+    grid = load_grid(grid_path)
+    assert [cell_status(grid, c) for c in grid.cells] == ["changed", "changed"]
+    assert settings_changes(grid, grid.cells[0])[0].startswith("base_config: ")
+
+
+def test_cells_finished_before_settings_were_recorded_compare_their_command(tmp_path):
+    grid_path = _grid_file(tmp_path, f"output_root: {tmp_path / 'out'}\nattacks: [badnets]\nmethods: [lora]\n"
+                                     "overrides: [train.epochs=2]\n")
+    grid = load_grid(grid_path)
+    cell = grid.cells[0]
+    run_dir = cell_dir(grid, cell)
+    run_dir.mkdir(parents=True)
+    (run_dir / "metrics.json").write_text(json.dumps({"cacc": 1.0, "asr": 1.0, "clean_fpr": 1.0, "history": []}))
+    (run_dir / "cell.json").write_text(json.dumps({"wall_seconds": 1.0, "command": cell_command(grid, cell, run_dir, resume=True)}))
+    assert cell_status(grid, cell) == "finished"
+    grid_path.write_text(grid_path.read_text().replace("train.epochs=2", "train.epochs=3"))
+    grid = load_grid(grid_path)
+    assert settings_changes(grid, grid.cells[0]) == ["overrides: ['train.epochs=2'] -> ['train.epochs=3']"]
+    script = [sys.executable, str(REPO / "launch" / "matrix.py"), "--config", str(grid_path)]
+    listed = subprocess.run([*script, "--list"], capture_output=True, text=True, timeout=120)
+    assert listed.returncode == 0 and listed.stdout.startswith("changed    default/default/badnets/lora/seed42")
+    assert "[changed: overrides: ['train.epochs=2'] -> ['train.epochs=3']]" in listed.stdout
+    refused = subprocess.run(script, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "finished with other settings" in refused.stderr and "--rerun-changed" in refused.stderr
+    assert (run_dir / "metrics.json").is_file()
 
 
 def test_summary_table_mean_and_std_over_seeds():
