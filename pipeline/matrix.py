@@ -72,6 +72,8 @@ from pipeline.config import ConfigError
 
 logger = logging.getLogger(__name__)
 
+REPO = Path(__file__).resolve().parents[1]  # relative paths in grid files are read from here
+
 _GRID_KEYS = {
     "base_config", "output_root", "datasets", "models", "attacks", "methods", "seeds", "method_seeds",
     "overrides", "method_overrides", "cell_overrides", "title", "notes", "derived", "run_first", "run_last", "publish_dir",
@@ -152,11 +154,10 @@ def load_grid(path: str | os.PathLike[str]) -> Grid:
         raise ConfigError([f"{path}: a grid file is a mapping of keys, got {type(raw).__name__}"])
     for key in sorted(set(raw) - _GRID_KEYS):
         problems.append(f"{path}: unknown key {key!r}; known keys: {sorted(_GRID_KEYS)}")
-    repo = Path(__file__).resolve().parents[1]
 
     def resolve(value: str) -> Path:
         candidate = Path(value)
-        return candidate if candidate.is_absolute() else repo / candidate
+        return candidate if candidate.is_absolute() else REPO / candidate
 
     base = resolve(str(raw.get("base_config", "launch/configs/demo.yaml")))
     if not base.is_file():
@@ -317,8 +318,7 @@ def cell_status(grid: Grid, cell: Cell) -> str:
 
 def cell_command(grid: Grid, cell: Cell, run_dir: Path, *, resume: bool, python: str = sys.executable) -> list[str]:
     """The ``launch/train.py`` command line of one cell."""
-    repo = Path(__file__).resolve().parents[1]
-    args = [python, str(repo / "launch" / "train.py"), "--config", str(grid.base_config)]
+    args = [python, str(REPO / "launch" / "train.py"), "--config", str(grid.base_config)]
     axes = [f"method={cell.method}", f"seed={cell.seed}", f"data.attack={cell.attack}", f"output_dir={run_dir}"]
     if cell.dataset != "default":
         axes.append(f"data.dataset={cell.dataset}")
@@ -335,15 +335,14 @@ def source_cell(cell: Cell) -> Cell:
 
 def derived_commands(grid: Grid, cell: Cell, run_dir: Path, *, python: str = sys.executable) -> list[list[str]]:
     """Commands of a derived cell: the defence / filter on the source run (then the retraining)."""
-    repo = Path(__file__).resolve().parents[1]
     source_dir = cell_dir(grid, source_cell(cell))
     if cell.method in DEFENSES:
-        return [[python, str(repo / "launch" / "defend.py"), str(source_dir), "--defense", cell.method,
+        return [[python, str(REPO / "launch" / "defend.py"), str(source_dir), "--defense", cell.method,
                  "--out", str(run_dir / "defense.json"), *cell.derived_args]]
     data_root = run_dir / "data"
     retrain = Cell(cell.dataset, cell.model, cell.attack, cell.source or "vanilla", cell.seed, cell.overrides)
     return [
-        [python, str(repo / "launch" / "filter_data.py"), str(source_dir), "--method", cell.method,
+        [python, str(REPO / "launch" / "filter_data.py"), str(source_dir), "--method", cell.method,
          "--out-root", str(data_root), "--overwrite", *cell.derived_args],
         cell_command(grid, retrain, run_dir / "run", resume=False, python=python) + [f"data.root={data_root}"],
     ]
@@ -587,7 +586,6 @@ def frequency_plots(grid: Grid, rows: Sequence[Mapping[str, Any]]) -> list[Path]
     Written to ``plots/frequency/<attack>_<method>_seed<seed>/``; redrawn only when the cell's
     ``frequency.json`` is newer than its plots.
     """
-    repo = Path(__file__).resolve().parents[1]
     paths: list[Path] = []
     for row in rows:
         source = grid.output_root / row["run_dir"] / "frequency.json"
@@ -596,7 +594,7 @@ def frequency_plots(grid: Grid, rows: Sequence[Mapping[str, Any]]) -> list[Path]
         out = grid.output_root / "plots" / "frequency" / f"{row['attack']}_{row['method']}_seed{row['seed']}"
         pngs = [out / "frequency_curves.png", out / "frequency_heatmap.png"]
         if not all(p.is_file() and p.stat().st_mtime >= source.stat().st_mtime for p in pngs):
-            done = subprocess.run([sys.executable, str(repo / "launch" / "fourier.py"), str(source.parent), "--out", str(out)],
+            done = subprocess.run([sys.executable, str(REPO / "launch" / "fourier.py"), str(source.parent), "--out", str(out)],
                                   capture_output=True, text=True, check=False)
             if done.returncode != 0:
                 logger.warning("frequency plots of %s failed: %s", source.parent, done.stderr.strip()[-500:])
@@ -611,8 +609,11 @@ def publish(grid: Grid, report_text: str, plots: Sequence[Path]) -> None:
     assert target is not None
     for plot in plots:
         destination = target / plot.relative_to(grid.output_root)
+        data = plot.read_bytes()
+        if destination.is_file() and destination.read_bytes() == data:
+            continue  # unchanged: leave the published file (and its timestamp) alone
         destination.parent.mkdir(parents=True, exist_ok=True)
-        ckpt.atomic_write_bytes(destination, plot.read_bytes())
+        ckpt.atomic_write_bytes(destination, data)
     ckpt.atomic_write_text(target / "REPORT.md", report_text)
 
 
@@ -632,9 +633,8 @@ def _unfinished_lines(grid: Grid, rows: Sequence[Mapping[str, Any]]) -> list[str
 
 def _shown(path: Path) -> str:
     """A path as a reader should type it: relative to the repository when inside it."""
-    repo = Path(__file__).resolve().parents[1]
     try:
-        return Path(path).resolve().relative_to(repo).as_posix()
+        return Path(path).resolve().relative_to(REPO).as_posix()
     except ValueError:
         return str(path)
 

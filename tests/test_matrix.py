@@ -13,7 +13,8 @@ import pytest
 
 from pipeline.config import ConfigError
 from pipeline.matrix import (
-    cell_command, cell_dir, cell_state, cell_status, collect_rows, load_grid, run_grid, settings_changes, summary_table,
+    cell_command, cell_dir, cell_state, cell_status, collect_rows, load_grid, publish, run_grid, settings_changes,
+    summary_table,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -161,6 +162,23 @@ def test_cells_finished_before_settings_were_recorded_compare_their_command(tmp_
     refused = subprocess.run(script, capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and "finished with other settings" in refused.stderr and "--rerun-changed" in refused.stderr
     assert (run_dir / "metrics.json").is_file()
+
+
+def test_publish_rewrites_only_changed_plots(tmp_path):
+    grid = load_grid(_grid_file(tmp_path, f"output_root: {tmp_path / 'out'}\nattacks: [a]\nmethods: [m]\n"
+                                          f"publish_dir: {tmp_path / 'docs'}\n"))
+    plots = [tmp_path / "out" / "plots" / name for name in ("asr.png", "cacc.png")]
+    plots[0].parent.mkdir(parents=True)
+    for plot in plots:
+        plot.write_bytes(b"png " + plot.name.encode())
+    publish(grid, "report 1", plots)
+    published = [tmp_path / "docs" / "plots" / name for name in ("asr.png", "cacc.png")]
+    inodes = [p.stat().st_ino for p in published]
+    plots[1].write_bytes(b"png changed")
+    publish(grid, "report 2", plots)
+    assert published[0].stat().st_ino == inodes[0]  # unchanged bytes: the file was left alone
+    assert published[1].stat().st_ino != inodes[1] and published[1].read_bytes() == b"png changed"
+    assert (tmp_path / "docs" / "REPORT.md").read_text() == "report 2"
 
 
 def test_summary_table_mean_and_std_over_seeds():
