@@ -123,10 +123,14 @@ class _ConcatCache:
 def build_methods(
     size: int | tuple[int, int], num_scales: int, rank: int, alpha: float, dtype: torch.dtype, variants: bool,
     device: torch.device | str = "cpu",
-) -> dict[str, Callable[[Tensor], Tensor]]:
+) -> tuple[dict[str, Callable[[Tensor], Tensor]], list[Tensor]]:
     """The benchmarked callables, sharing one base layer and one set of adapter weights.
 
     ``size`` is ``d`` (a square layer) or ``(d_in, d_out)``.
+
+    Returns:
+        ``(methods, trainable)``: the callables by name, and every tensor their backward writes a
+        gradient into (the shared adapter factors and peft's copies of them).
     """
     import peft  # local: only the benchmark needs it
 
@@ -165,7 +169,8 @@ def build_methods(
     if variants:
         cache = _ConcatCache(base.weight, base.bias, lora_a)
         methods["concat"] = lambda x: cache(x, lora_b, scale_vec)
-    return methods
+    trainable = [lora_a, lora_b, peft_layer.lora_A["default"].weight, peft_layer.lora_B["default"].weight]
+    return methods, trainable
 
 
 def _check_agreement(methods: dict[str, Callable[[Tensor], Tensor]], x: Tensor, tol: float) -> None:
@@ -215,23 +220,18 @@ def time_case(
     }
 
 
-def peak_memory(methods: dict[str, Callable[[Tensor], Tensor]], x: Tensor, grad: Tensor) -> dict[str, float]:
-    """MiB one forward + backward of each method adds at its peak (after the timing warm-up)."""
+def peak_memory(
+    methods: dict[str, Callable[[Tensor], Tensor]], trainable: list[Tensor], x: Tensor, grad: Tensor
+) -> dict[str, float]:
+    """MiB one forward + backward of each method adds at its peak (gradients cleared before each)."""
 
     def once(fn: Callable[[Tensor], Tensor]) -> None:
         fn(x).backward(grad)
         x.grad = None
-        for p in _parameters(fn):
+        for p in trainable:
             p.grad = None
 
     return {name: measure_peak(lambda fn=fn: once(fn), device=x.device) / 2**20 for name, fn in methods.items()}
-
-
-def _parameters(fn: Callable[[Tensor], Tensor]) -> list[Tensor]:
-    if isinstance(fn, nn.Module):
-        return [p for p in fn.parameters() if p.requires_grad]
-    cells = [c.cell_contents for c in (getattr(fn, "__closure__", None) or ())]
-    return [c for c in cells if isinstance(c, Tensor) and c.requires_grad]
 
 
 def _label(size: int | tuple[int, int]) -> str:
@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
         sys.stderr.write("bench_mslr_kernel: MALLOC_MMAP_THRESHOLD_ is unset: CPU peak memory may read low "
                          "(cached allocator blocks); run with MALLOC_MMAP_THRESHOLD_=65536\n")
     for size in [*args.sizes, *args.shapes]:
-        methods = build_methods(size, args.num_scales, args.rank, args.alpha, dtype, args.variants, device)
+        methods, trainable = build_methods(size, args.num_scales, args.rank, args.alpha, dtype, args.variants, device)
         names = list(methods)
         d_in, d_out = (size, size) if isinstance(size, int) else size
         for tokens in args.tokens:
@@ -306,7 +306,9 @@ def main(argv: list[str] | None = None) -> list[Row]:
             _check_agreement(methods, x, tol=1e-4 if dtype == torch.float32 else 5e-2)
             repeats = args.repeats if tokens < 8192 else max(3, args.repeats // 2)
             timings = time_case(methods, x, grad, repeats, args.warmup, device)
-            peaks = peak_memory(methods, x, grad)
+            for p in trainable:
+                p.grad = None
+            peaks = peak_memory(methods, trainable, x, grad)
             for name, (ms, ratio) in timings.items():
                 rows.append(Row(_label(size), tokens, name, ms, ratio, peaks[name]))
                 sys.stdout.write(f"d={_label(size)} tokens={tokens} {name:12s} {ms:9.2f} ms  x{ratio:.3f}  peak {peaks[name]:8.1f} MiB\n")
