@@ -156,24 +156,15 @@ class _MSLRLinear(torch.autograd.Function):
         x2, z, weight, lora_a, lora_b, scale_vec = ctx.saved_tensors
         need_x, need_a, need_b, need_s = (ctx.needs_input_grad[i] for i in (0, 3, 4, 5))
         g = _rows(grad_out)  # [n, d_out]
-        grad_x = grad_a = grad_b = grad_s = None
+        grad_x = None
         if need_x:
             grad_x = g @ weight  # [n, d_in], the base layer's own GEMM
-        gz = None
-        if need_x or need_a or need_s:
-            gz = F.linear(g, lora_b.t().contiguous())  # g B: [n, B*r]
-        if need_b:
-            zs_t = (z * scale_vec).t().contiguous()  # [B*r, n]
-            grad_b = (zs_t @ g).t().contiguous()  # [d_out, B*r]
-        if need_s:
-            grad_s = (gz * z).sum(0)  # [B*r]
-        if need_x or need_a:
-            gz = gz * scale_vec  # dL/dz
-            if need_x:
-                grad_x.addmm_(gz, lora_a)  # += gz A, in place
-                grad_x = grad_x.view(*grad_out.shape[:-1], grad_x.shape[-1])
-            if need_a:
-                grad_a = gz.t().contiguous() @ x2  # [B*r, d_in]
+        grad_z, grad_a, grad_b, grad_s = _low_rank_backward(
+            g, x2, z, lora_b, scale_vec, need_x=need_x, need_a=need_a, need_b=need_b, need_s=need_s
+        )
+        if need_x:
+            grad_x.addmm_(grad_z, lora_a)  # += dL/dz A, in place
+            grad_x = grad_x.view(*grad_out.shape[:-1], grad_x.shape[-1])
         return grad_x, None, None, grad_a, grad_b, grad_s
 
 
@@ -212,21 +203,41 @@ class _MSLRDelta(torch.autograd.Function):
         x2, z, lora_a, lora_b, scale_vec = ctx.saved_tensors
         need_x, need_a, need_b, need_s, need_base = ctx.needs_input_grad
         g = _rows(grad_out)  # [n, d_out]
-        grad_x = grad_a = grad_b = grad_s = None
-        gz = None
-        if need_x or need_a or need_s:
-            gz = F.linear(g, lora_b.t().contiguous())  # g B: [n, B*r]
-        if need_b:
-            grad_b = ((z * scale_vec).t().contiguous() @ g).t().contiguous()  # [d_out, B*r]
-        if need_s:
-            grad_s = (gz * z).sum(0)
-        if need_x or need_a:
-            gz = gz * scale_vec
-            if need_x:
-                grad_x = (gz @ lora_a).view(*grad_out.shape[:-1], lora_a.shape[1])
-            if need_a:
-                grad_a = gz.t().contiguous() @ x2
+        grad_z, grad_a, grad_b, grad_s = _low_rank_backward(
+            g, x2, z, lora_b, scale_vec, need_x=need_x, need_a=need_a, need_b=need_b, need_s=need_s
+        )
+        grad_x = (grad_z @ lora_a).view(*grad_out.shape[:-1], lora_a.shape[1]) if need_x else None
         return grad_x, grad_a, grad_b, grad_s, (grad_out if need_base else None)
+
+
+def _low_rank_backward(
+    g: Tensor, x2: Tensor, z: Tensor, lora_b: Tensor, scale_vec: Tensor,
+    *, need_x: bool, need_a: bool, need_b: bool, need_s: bool,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+    """Gradients of ``((x A^T) * s) B^T`` given the output-gradient rows ``g`` (shared by both ops).
+
+    Args:
+        g: output gradient rows [n, d_out]; x2: input rows [n, d_in]; z: ``x A^T`` [n, B*r].
+
+    Returns:
+        ``(dL/dz, grad_a, grad_b, grad_s)``, each None when not needed; ``dL/dz = (g B) * s`` [n, B*r] is
+        returned for the caller's ``grad_x`` (``dL/dz A``) when ``need_x``.
+    """
+    grad_z = grad_a = grad_b = grad_s = None
+    gz = None
+    if need_x or need_a or need_s:
+        gz = F.linear(g, lora_b.t().contiguous())  # g B: [n, B*r]
+    if need_b:
+        grad_b = ((z * scale_vec).t().contiguous() @ g).t().contiguous()  # [d_out, B*r]
+    if need_s:
+        grad_s = (gz * z).sum(0)  # [B*r]
+    if need_x or need_a:
+        gz = gz * scale_vec  # dL/dz
+        if need_a:
+            grad_a = gz.t().contiguous() @ x2  # [B*r, d_in]
+        if need_x:
+            grad_z = gz
+    return grad_z, grad_a, grad_b, grad_s
 
 
 def _cast_low_rank(x: Tensor, lora_a: Tensor, lora_b: Tensor, scale_vec: Tensor) -> tuple[Tensor, Tensor, Tensor]:
