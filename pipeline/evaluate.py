@@ -237,3 +237,27 @@ def clean_false_positive_rate(preds: LabelsLike, labels: LabelsLike, target_labe
             "clean sentences of another class"
         )
     return (p[non_target] == target_label).double().mean().item()
+
+
+def backdoor_metrics(
+    clean_preds: LabelsLike, clean_labels: LabelsLike, poison_preds: LabelsLike, *, target_label: int
+) -> dict[str, float | None]:
+    """CACC, ASR, clean FPR and ASR - clean FPR as fractions (None where the clean FPR is undefined).
+
+    Args:
+        clean_preds: Predictions on test-clean (a defence may mark rejected inputs with a value that is
+            no label: they count as wrong on clean rows and as failed attacks on poisoned ones).
+        clean_labels: Labels of test-clean.
+        poison_preds: Predictions on test-poison.
+        target_label: The attacker's target class.
+
+    Returns:
+        ``{"cacc", "asr", "clean_fpr", "asr_minus_clean_fpr"}``.
+    """
+    cacc = accuracy(clean_preds, clean_labels)
+    asr = attack_success_rate(poison_preds, target_label)
+    try:
+        fpr: float | None = clean_false_positive_rate(clean_preds, clean_labels, target_label)
+    except ValueError:
+        fpr = None
+    return {"cacc": cacc, "asr": asr, "clean_fpr": fpr, "asr_minus_clean_fpr": None if fpr is None else asr - fpr}

@@ -244,18 +244,10 @@ def pair_metrics(
         JSON-serialisable metrics; ``clean_fpr`` is None when every clean label is the target and
         a per-class accuracy is None for a class absent from the clean split.
     """
-    cacc = ev.accuracy(clean_preds, clean_labels)
-    asr = ev.attack_success_rate(poison_preds, target_label)
-    try:
-        fpr: float | None = ev.clean_false_positive_rate(clean_preds, clean_labels, target_label)
-    except ValueError:
-        fpr = None
+    fractions = ev.backdoor_metrics(clean_preds, clean_labels, poison_preds, target_label=target_label)
     per_class = ev.per_class_accuracy(clean_preds, clean_labels, num_labels)
     return {
-        "cacc": 100 * cacc,
-        "asr": 100 * asr,
-        "clean_fpr": None if fpr is None else 100 * fpr,
-        "asr_minus_clean_fpr": None if fpr is None else 100 * (asr - fpr),
+        **{key: None if value is None else 100 * value for key, value in fractions.items()},
         "per_class_accuracy": [None if math.isnan(a) else 100 * a for a in per_class],
         "confusion_matrix": ev.confusion_matrix(clean_preds, clean_labels, num_labels),
         "poison_prediction_counts": torch.bincount(poison_preds, minlength=num_labels).tolist(),

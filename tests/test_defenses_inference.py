@@ -23,6 +23,7 @@ import torch
 from datasets import Dataset
 from torch import nn
 
+from pipeline import evaluate as ev
 from pipeline.defenses.onion import (
     load_onion_lm,
     onion_evaluate,
@@ -35,7 +36,6 @@ from pipeline.defenses.onion import (
 from pipeline.defenses.strip import (
     REJECTED,
     calibrate_threshold,
-    classification_metrics,
     defended_predictions,
     entropy_bits,
     strip_entropies,
@@ -182,7 +182,7 @@ def test_counting_conventions_on_hand_made_predictions():
     flags = torch.tensor([True, False, True, False])
     assert defended_predictions(preds, flags, counting="flip").tolist() == [0, 1, 1, 0]
     assert defended_predictions(preds, flags, counting="reject").tolist() == [REJECTED, 1, REJECTED, 0]
-    metrics = classification_metrics(
+    metrics = ev.backdoor_metrics(
         torch.tensor([REJECTED, 1, 0, 1]), torch.tensor([1, 1, 0, 0]), torch.tensor([REJECTED, 1, 0, 1]), target_label=1
     )
     assert metrics == {"cacc": 0.5, "asr": 0.5, "clean_fpr": 0.5, "asr_minus_clean_fpr": 0.0}

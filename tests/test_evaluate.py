@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 from pipeline.evaluate import (
     accuracy,
     attack_success_rate,
+    backdoor_metrics,
     clean_false_positive_rate,
     confusion_matrix,
     per_class_accuracy,
@@ -142,3 +143,11 @@ def test_eval_mode_restores_each_module_flag_and_disables_grad():
     except RuntimeError:
         pass
     assert model.training and not model[0].training and torch.is_grad_enabled()
+
+
+def test_backdoor_metrics_fractions_and_undefined_fpr():
+    metrics = backdoor_metrics(torch.tensor([1, 0, 1, 1]), torch.tensor([1, 0, 0, 0]), torch.tensor([1, 1, 0]), target_label=1)
+    assert metrics["cacc"] == pytest.approx(0.5) and metrics["asr"] == pytest.approx(2 / 3)
+    assert metrics["clean_fpr"] == pytest.approx(2 / 3) and metrics["asr_minus_clean_fpr"] == pytest.approx(0.0)
+    only_target = backdoor_metrics(torch.tensor([1, 0]), torch.tensor([1, 1]), torch.tensor([1]), target_label=1)
+    assert only_target == {"cacc": 0.5, "asr": 1.0, "clean_fpr": None, "asr_minus_clean_fpr": None}

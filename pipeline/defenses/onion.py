@@ -49,8 +49,9 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from pipeline import evaluate as ev
 from pipeline import modeling
-from pipeline.defenses.strip import PredictProba, checked_proba, classification_metrics
+from pipeline.defenses.strip import PredictProba, checked_proba
 
 logger = logging.getLogger(__name__)
 
@@ -454,8 +455,8 @@ def onion_evaluate(
 
     result = {
         "defense": "onion",
-        **classification_metrics(preds(clean_filtered), labels, preds(poison_filtered), target_label=target_label),
-        "undefended": classification_metrics(
+        **ev.backdoor_metrics(preds(clean_filtered), labels, preds(poison_filtered), target_label=target_label),
+        "undefended": ev.backdoor_metrics(
             preds(clean_texts), labels, preds(poison_texts), target_label=target_label
         ),
         "threshold": threshold,

@@ -424,34 +424,6 @@ def defended_predictions(
     raise ValueError(f"counting must be 'flip' or 'reject', got {counting!r}")
 
 
-def classification_metrics(
-    clean_preds: Tensor, clean_labels: Tensor, poison_preds: Tensor, *, target_label: int
-) -> dict[str, float | None]:
-    """CACC, ASR, clean FPR and ASR - clean FPR as fractions (None where the clean FPR is undefined).
-
-    Args:
-        clean_preds: Predictions on test-clean (may hold :data:`REJECTED`).
-        clean_labels: Labels of test-clean.
-        poison_preds: Predictions on test-poison (may hold :data:`REJECTED`).
-        target_label: The attacker's target class.
-
-    Returns:
-        ``{"cacc", "asr", "clean_fpr", "asr_minus_clean_fpr"}``.
-    """
-    cacc = ev.accuracy(clean_preds, clean_labels)
-    asr = ev.attack_success_rate(poison_preds, target_label)
-    try:
-        fpr: float | None = ev.clean_false_positive_rate(clean_preds, clean_labels, target_label)
-    except ValueError:
-        fpr = None
-    return {
-        "cacc": cacc,
-        "asr": asr,
-        "clean_fpr": fpr,
-        "asr_minus_clean_fpr": None if fpr is None else asr - fpr,
-    }
-
-
 def detection_auroc(clean_entropies: Tensor, poison_entropies: Tensor) -> float:
     """AUROC of flagging by low entropy: P(H(poison) < H(clean)) + P(H(poison) = H(clean)) / 2."""
     clean = clean_entropies.double().reshape(1, -1)
@@ -551,7 +523,7 @@ def strip_evaluate(
     clean_flags, poison_flags = clean_h < threshold, poison_h < threshold
 
     by_counting = {
-        rule: classification_metrics(
+        rule: ev.backdoor_metrics(
             defended_predictions(clean_preds, clean_flags, counting=rule), labels,
             defended_predictions(poison_preds, poison_flags, counting=rule), target_label=target_label,
         )
@@ -579,7 +551,7 @@ def strip_evaluate(
         "counting": counting,
         **by_counting[counting],
         "by_counting": by_counting,
-        "undefended": classification_metrics(clean_preds, labels, poison_preds, target_label=target_label),
+        "undefended": ev.backdoor_metrics(clean_preds, labels, poison_preds, target_label=target_label),
         "detection": detection,
         "settings": {
             "num_perturbations": num_perturbations,
