@@ -1,12 +1,23 @@
-"""Argument types and JSON output shared by the launchers (evaluate, defend, filter_data)."""
+"""Logging set-up, argument types and JSON output shared by the launchers."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Any
+
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def setup_logging(level: str) -> None:
+    """Log to stderr at ``level``; the HTTP / datasets / file-lock libraries only from WARNING up."""
+    logging.basicConfig(level=level, format=LOG_FORMAT, stream=sys.stderr)
+    for noisy in ("httpx", "urllib3", "datasets", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def positive_int(text: str) -> int:

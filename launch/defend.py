@@ -39,7 +39,14 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # allow running from a checkout without installing
     sys.path.insert(0, str(REPO))
 
-from launch._cli import emit_json, fraction_up_to_one, open_fraction, positive_int, sample_count  # noqa: E402
+from launch._cli import (  # noqa: E402
+    emit_json,
+    fraction_up_to_one,
+    open_fraction,
+    positive_int,
+    sample_count,
+    setup_logging,
+)
 
 _METRIC_KEYS = ("cacc", "asr", "clean_fpr", "asr_minus_clean_fpr")
 _DETECTION_KEYS = ("calibration_frr", "tpr", "fpr")
@@ -209,9 +216,7 @@ def defend_run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    for noisy in ("httpx", "urllib3", "datasets", "filelock"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    setup_logging(args.log_level)
 
     from pipeline.config import ConfigError
     from pipeline.data import DataError

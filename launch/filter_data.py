@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # allow running from a checkout without installing
     sys.path.insert(0, str(REPO))
 
-from launch._cli import fraction_up_to_one, positive_int  # noqa: E402
+from launch._cli import fraction_up_to_one, positive_int, setup_logging  # noqa: E402
 
 REPORT_FILE = "filter-report.json"
 
@@ -196,9 +196,7 @@ def filter_run_data(cfg: Any, tokenizer: Any, model: Any, args: argparse.Namespa
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    for noisy in ("httpx", "urllib3", "datasets", "filelock"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    setup_logging(args.log_level)
     if not (args.run_dir / "config.yaml").is_file():
         print(f"error: {args.run_dir} is not a finished run directory (no config.yaml); pass the output_dir of launch/train.py", file=sys.stderr)
         return 2

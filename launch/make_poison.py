@@ -15,7 +15,6 @@ published CSVs under poison_data/<dataset>/<target>/stylebkd|synbkd.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
@@ -23,6 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # allow running from a checkout without installing
     sys.path.insert(0, str(REPO))
 
+from launch._cli import setup_logging  # noqa: E402
 from pipeline.attacks import (  # noqa: E402
     ATTACKS,
     BADNETS_NUM_TRIGGERS,
@@ -63,7 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    setup_logging(args.log_level)
     setting = args.setting or ("clean" if args.attack == "badnets" else "mix")
     try:
         if args.source is not None:

@@ -13,7 +13,6 @@ until --rerun-changed moves them to <output_root>/replaced/ and reruns them.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
@@ -21,6 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from launch._cli import setup_logging  # noqa: E402
 from pipeline.config import ConfigError  # noqa: E402
 from pipeline.matrix import cell_status, load_grid, run_grid, settings_changes, write_outputs  # noqa: E402
 
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=1, help="cells run side by side (set train.num_threads = cores / jobs in the grid)")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    setup_logging(args.log_level)
     try:
         grid = load_grid(args.config)
     except ConfigError as err:

@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # allow running from a checkout without installing
     sys.path.insert(0, str(REPO))
 
-from launch._cli import positive_int  # noqa: E402
+from launch._cli import positive_int, setup_logging  # noqa: E402
 from pipeline.config import ConfigError, config_to_dict, describe_keys, load_config  # noqa: E402
 
 DEMO_CONFIG = REPO / "launch" / "configs" / "demo.yaml"
@@ -90,9 +90,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     level = args.log_level if os.environ.get("RANK", "0") == "0" else "WARNING"
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    for noisy in ("httpx", "urllib3", "datasets", "filelock"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    setup_logging(level)
     try:
         cfg = load_config(args.config or DEMO_CONFIG, args.overrides)
         if args.deepspeed is None and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
