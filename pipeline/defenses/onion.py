@@ -171,9 +171,7 @@ def sentence_perplexities(
     pad_id = next(int(i) for i in candidates if i is not None)
     result = torch.full((len(sequences),), math.nan, dtype=torch.float64)
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
-    was_training = lm.training
-    lm.eval()
-    try:
+    with ev.eval_mode(lm):
         starts = range(0, len(order), batch_size)
         for start in tqdm(starts, desc="ONION perplexity", disable=not progress, leave=False):
             rows = order[start : start + batch_size]
@@ -196,8 +194,6 @@ def sentence_perplexities(
             mean_nll = torch.where(target_mask, nll, 0.0).sum(dim=1).double() / counts.double()
             perplexity = torch.where(counts > 0, torch.exp(mean_nll), torch.full_like(mean_nll, math.nan))
             result[torch.tensor(rows)] = perplexity.cpu()
-    finally:
-        lm.train(was_training)
     return result
 
 
