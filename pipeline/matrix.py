@@ -273,15 +273,19 @@ _AXIS_KEYS = ("method", "seed", "data.attack", "data.dataset", "model.name_or_pa
 def cell_settings(grid: Grid, cell: Cell) -> dict[str, Any]:
     """What a cell's result depends on besides its axes (recorded in its ``cell.json`` when it finishes).
 
-    The base config enters parsed (``yaml.safe_load``), so editing its comments changes nothing.
+    The base config enters parsed (``yaml.safe_load``), so editing its comments changes nothing. A derived
+    cell (STRIP, BKI, ...) also records its source cell's settings.
     """
     base = yaml.safe_load(grid.base_config.read_text()) if grid.base_config.is_file() else None
-    return {
+    settings = {
         "base_config": hashlib.sha256(json.dumps(base, sort_keys=True, default=str).encode()).hexdigest(),
         "overrides": list(cell.overrides),
         "source": cell.source,
         "derived_args": list(cell.derived_args),
     }
+    if cell.source is not None:  # a derived cell is stale when the run it was computed from changes
+        settings["source_settings"] = cell_settings(grid, source_cell(cell))
+    return settings
 
 
 def _command_overrides(command: Sequence[str]) -> list[str]:

@@ -13,7 +13,7 @@ import pytest
 
 from pipeline.config import ConfigError
 from pipeline.matrix import (
-    cell_command, cell_dir, cell_state, cell_status, collect_rows, load_grid, publish, run_grid, settings_changes,
+    cell_command, cell_dir, cell_settings, cell_state, cell_status, collect_rows, load_grid, publish, run_grid, settings_changes,
     summary_table,
 )
 
@@ -140,6 +140,23 @@ def test_changed_settings_are_refused_then_rerun_with_old_results_kept(tmp_path)
     grid = load_grid(grid_path)
     assert [cell_status(grid, c) for c in grid.cells] == ["changed", "changed"]
     assert settings_changes(grid, grid.cells[0])[0].startswith("base_config: ")
+
+
+def test_derived_cell_changes_with_its_source(tmp_path):
+    text = (f"output_root: {tmp_path / 'out'}\nattacks: [badnets]\nmethods: [vanilla, strip]\n"
+            "derived: {strip: {from: vanilla}}\n")
+    grid_path = _grid_file(tmp_path, text)
+    grid = load_grid(grid_path)
+    for cell in grid.cells:  # both finished, with the settings the grid has now
+        run_dir = cell_dir(grid, cell)
+        run_dir.mkdir(parents=True)
+        (run_dir / "metrics.json").write_text(json.dumps({"cacc": 1.0, "asr": 1.0, "clean_fpr": 1.0, "history": []}))
+        (run_dir / "cell.json").write_text(json.dumps({"wall_seconds": 1.0, "settings": cell_settings(grid, cell)}))
+    assert [cell_status(grid, c) for c in grid.cells] == ["finished", "finished"]
+    grid_path.write_text(text + "method_overrides: {vanilla: [train.lr=2e-5]}\n")
+    grid = load_grid(grid_path)
+    assert [cell_status(grid, c) for c in grid.cells] == ["changed", "changed"]
+    assert any(change.startswith("source_settings: ") for change in settings_changes(grid, grid.cells[1]))
 
 
 def test_cells_finished_before_settings_were_recorded_compare_their_command(tmp_path):
