@@ -672,8 +672,11 @@ def render_report(
         summary_table(rows, grid.methods, grid.attacks),
         "## Cost per method (mean over finished cells)",
         "",
-        "| method | cells | train seconds | peak memory MB | trainable parameters |",
-        "|---|---|---|---|---|",
+        "Train seconds: the training loop; cell wall seconds: the whole cell as the grid ran it (set-up,",
+        "evaluation, a derived method's filtering or defence pass; cells ran side by side, so the load varies).",
+        "",
+        "| method | cells | train seconds | cell wall seconds | peak memory MB | trainable parameters |",
+        "|---|---|---|---|---|---|",
     ]
     by_method: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
     for row in rows:
@@ -684,11 +687,13 @@ def render_report(
             continue
         seconds = statistics.mean(float(r["train_seconds"] or 0) for r in group)
         memory = statistics.mean(float(r["peak_memory_mb"] or 0) for r in group)
+        walls = [float(r["wall_seconds"]) for r in group if r.get("wall_seconds") not in (None, "")]
+        wall = f"{statistics.mean(walls):.0f}" if walls else "-"
         params = group[0]["trainable_parameters"]
         if not seconds and not params:  # an inference-time defence: no training of its own
-            lines.append(f"| {method} | {len(group)} | - (evaluates the {grid_source(grid, method)} model) | - | - |")
+            lines.append(f"| {method} | {len(group)} | - (evaluates the {grid_source(grid, method)} model) | {wall} | - | - |")
             continue
-        lines.append(f"| {method} | {len(group)} | {seconds:.0f} | {memory:.0f} | {params} |")
+        lines.append(f"| {method} | {len(group)} | {seconds:.0f} | {wall} | {memory:.0f} | {params} |")
     lines.append("")
     if plots:
         lines += ["## Plots", ""]

@@ -95,6 +95,9 @@ def test_bookkeeping_skips_finished_resumes_checkpointed_and_restarts_stale(tmp_
     assert run_grid(grid, runner=fake_runner) == {"skipped": 4, "ran": 0, "failed": 0, "waiting": 0}
     rows = list(csv.DictReader(io.StringIO((tmp_path / "out" / "results.csv").read_text())))
     assert [r["method"] for r in rows] == ["a", "b", "c", "d"]
+    report = (tmp_path / "out" / "REPORT.md").read_text()
+    assert "| method | cells | train seconds | cell wall seconds | peak memory MB | trainable parameters |" in report
+    assert "| b | 1 | 1 | 0 | 1 | 3 |" in report  # wall seconds of the (instant) fake cell, from its cell.json
 
 
 def _fake_train(command, log_file, env):
