@@ -71,6 +71,14 @@ def results_table(metrics: Sequence[Mapping[str, Any]], *, methods: Sequence[str
     return "\n".join(lines) + "\n"
 
 
+def method_colors(count: int) -> list[tuple[float, float, float, float]]:
+    """One colour per method: matplotlib's tab10 up to ten methods, tab20 beyond (repeating past 20)."""
+    import matplotlib
+
+    palette = matplotlib.colormaps["tab10" if count <= 10 else "tab20"]
+    return [palette(i % palette.N) for i in range(count)]
+
+
 def matrix_plots(rows: Sequence[Mapping[str, Any]], methods: Sequence[str], attacks: Sequence[str], out_dir: str | Path) -> list[Path]:
     """PNG plots of a robustness matrix (matplotlib, Agg backend; small files at dpi 90).
 
@@ -101,7 +109,7 @@ def matrix_plots(rows: Sequence[Mapping[str, Any]], methods: Sequence[str], atta
     for row in rows:
         groups[(row["method"], row["attack"])].append(row)
     present = [m for m in methods if any((m, a) in groups for a in attacks)]
-    colors = plt.get_cmap("tab10")
+    palette = method_colors(len(methods))
     written = []
 
     fig, axes = plt.subplots(2, 1, figsize=(max(6.0, 1.6 * len(attacks) + 2), 6.5), sharex=True)
@@ -118,7 +126,7 @@ def matrix_plots(rows: Sequence[Mapping[str, Any]], methods: Sequence[str], atta
                 means.append(statistics.mean(values))
                 stds.append(statistics.stdev(values) if len(values) > 1 else 0.0)
                 fprs.append(statistics.mean(float(r["clean_fpr"]) for r in group))
-            panel.bar(xs, means, width, yerr=stds, label=method, color=colors(i % 10), capsize=2)
+            panel.bar(xs, means, width, yerr=stds, label=method, color=palette[i], capsize=2)
             if key == "asr":
                 panel.scatter(xs, fprs, marker="_", color="black", s=60, zorder=3, label="clean FPR" if i == 0 else None)
         panel.set_ylabel(f"{key.upper()} (%)")
@@ -144,7 +152,7 @@ def matrix_plots(rows: Sequence[Mapping[str, Any]], methods: Sequence[str], atta
                 continue
             for row_index, key in enumerate(("dev_clean_acc", "dev_poison_asr_monitor_only")):
                 curve = [100 * statistics.mean(h[e][key] for h in histories) for e in range(epochs)]
-                axes[row_index][j].plot(range(epochs), curve, marker="o", ms=3, color=colors(i % 10), label=method)
+                axes[row_index][j].plot(range(epochs), curve, marker="o", ms=3, color=palette[i], label=method)
         axes[0][j].set_title(attack)
         axes[1][j].set_xlabel("epoch")
         for row in axes:

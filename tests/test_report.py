@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from pipeline.report import read_metrics, results_table
+from pipeline.report import method_colors, read_metrics, results_table
 
 
 def _m(method, attack, cacc, asr, fpr, seed=42):
@@ -41,3 +41,9 @@ def test_read_metrics_requires_finished_runs(tmp_path):
     assert read_metrics([tmp_path / "a"])[0]["cacc"] == 1.0
     with pytest.raises(FileNotFoundError, match="has not finished"):
         read_metrics([tmp_path / "a", tmp_path / "b"])
+
+
+@pytest.mark.parametrize("count", [1, 10, 11, 20])
+def test_method_colors_are_distinct_up_to_twenty(count):
+    colors = method_colors(count)
+    assert len(colors) == count and len(set(colors)) == count
