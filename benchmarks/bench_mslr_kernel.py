@@ -7,8 +7,8 @@ allocator's peak; CPU: peak RSS above the RSS before the call, see ``pipeline.me
 Compared (all with the same total rank ``B*r``):
 
 - ``base``: frozen ``nn.Linear`` alone (the floor; the goal is fused <= 1.10x base),
-- ``fused``: :func:`kernels.mslr.mslr_linear`,
-- ``reference``: :func:`kernels.mslr.mslr_reference` (plain autograd, unfused),
+- ``fused``: :func:`mslr_kernels.mslr.mslr_linear`,
+- ``reference``: :func:`mslr_kernels.mslr.mslr_reference` (plain autograd, unfused),
 - ``peft_lora``: peft's ``lora.Linear`` with ``r = B*r`` (single scale),
 - ``naive_dense``: the authors' formulation, rebuilding the dense ``d x d`` delta every call
   (``x (R (L*K))^T * scaling + W0 x + b0``),
@@ -51,7 +51,7 @@ from torch.autograd.function import FunctionCtx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kernels.mslr import fold_scales, mslr_linear, mslr_reference  # noqa: E402
+from mslr_kernels.mslr import fold_scales, mslr_linear, mslr_reference  # noqa: E402
 from pipeline.memory import measure_peak  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from kernels import fold_scales, mslr_delta, mslr_linear, mslr_reference
+from mslr_kernels import fold_scales, mslr_delta, mslr_linear, mslr_reference
 from naive_mslr import naive_mslr
 
 D_IN, D_OUT = 7, 11

@@ -1,7 +1,7 @@
 """Quantized backbones for MuScleLoRA (arXiv 2402.12026): bitsandbytes 4-bit / 8-bit bases under LoRA and MSLR.
 
 Over a quantized linear MSLR computes ``deq(Q(W0)) x + b0 + R diag(s) L x`` through the generic path of
-kernels.mslr; the parity reference is :func:`kernels.mslr.mslr_reference` with the dequantized weight.
+mslr_kernels.mslr; the parity reference is :func:`mslr_kernels.mslr.mslr_reference` with the dequantized weight.
 Tests marked ``bnb`` load real bitsandbytes layers (CPU works with bitsandbytes >= 0.45); the pre-flight
 and configuration tests run without bitsandbytes (its status is stubbed where a combination is tested).
 """
@@ -19,7 +19,7 @@ import pytest
 import torch
 from torch import nn
 
-from kernels.mslr import mslr_reference
+from mslr_kernels.mslr import mslr_reference
 from pipeline import modeling
 from pipeline.adapters import MultiScaleLowRankLinear, base_layers, inject
 from pipeline.config import ConfigError, load_config
@@ -221,7 +221,7 @@ def test_preflight_model_without_linear_layers(
 def test_only_base_layers_imports_bitsandbytes_and_lazily() -> None:
     importers = sorted(
         str(path.relative_to(REPO))
-        for folder in ("pipeline", "kernels", "launch")
+        for folder in ("pipeline", "mslr_kernels", "launch")
         for path in (REPO / folder).rglob("*.py")
         if re.search(r"^\s*(import bitsandbytes|from bitsandbytes)", path.read_text(), re.MULTILINE)
     )
@@ -461,7 +461,7 @@ def test_training_after_an_evaluation_pass_keeps_every_gradient(bnb, tiny_llama_
 
 
 def test_bitsandbytes_kernels_hub_warning_is_replaced_by_an_accurate_notice() -> None:
-    """bitsandbytes' import warning names our own kernels/__init__.py; the pipeline says what it means instead."""
+    """bitsandbytes' warning about the Hugging Face kernels hub is replaced by a notice that says what it means."""
     pytest.importorskip("bitsandbytes")
     code = ("import logging, torch; logging.basicConfig(level=logging.INFO)\n"
             "from pipeline.adapters import base_layers\n"

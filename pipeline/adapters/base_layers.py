@@ -66,10 +66,9 @@ class _KernelsHubNotice(logging.Filter):
     """Replace bitsandbytes' import-time warning about the Hugging Face ``kernels`` package by one that
     says what it means here.
 
-    bitsandbytes (0.50, CPU) tries ``from kernels import get_kernel`` for an optional faster 4-bit GEMM.
-    That package is not a dependency of this project, and when it runs from a checkout our own top-level
-    ``kernels`` package (the fused MSLR op) is found first, so bitsandbytes' warning names our file.
-    Either way bitsandbytes falls back to its built-in CPU path; results are the same.
+    bitsandbytes (0.50, CPU) tries ``get_kernel("kernels-community/...")`` from that package (a dependency of
+    transformers >= 5.25) for an optional faster 4-bit GEMM; offline, or without the package, the download
+    fails and bitsandbytes warns. Either way it falls back to its built-in CPU path; results are the same.
     """
 
     _told = False
@@ -81,7 +80,7 @@ class _KernelsHubNotice(logging.Filter):
             _KernelsHubNotice._told = True
             logger.debug(
                 "bitsandbytes: the optional Hugging Face `kernels` CPU 4-bit GEMM is not used (the package is not "
-                "installed, or this project's own `kernels` package shadows it); bitsandbytes' built-in CPU path runs"
+                "installed or its kernel cannot be fetched); bitsandbytes' built-in CPU path runs"
             )
         return False
 

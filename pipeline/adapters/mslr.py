@@ -7,7 +7,7 @@ low-rank branches with radial scales ``k_1..k_B`` (REFERENCE.md section 2.2)::
 
 ``L`` = ``lora_a`` (``B*r x d_in``) and ``R`` = ``lora_b`` (``d_out x B*r``) are the only trainable
 tensors; ``K`` repeats each ``k_i`` ``r`` times and ``scaling = alpha / r``. The forward stays factored
-(:mod:`kernels.mslr`): the dense delta is only built by :meth:`MultiScaleLowRankLinear.delta_weight`
+(:mod:`mslr_kernels.mslr`): the dense delta is only built by :meth:`MultiScaleLowRankLinear.delta_weight`
 for an explicit :meth:`~MultiScaleLowRankLinear.merge`.
 
 Choices:
@@ -42,7 +42,7 @@ from typing import Literal, get_args
 import torch
 from torch import Tensor, nn
 
-from kernels.mslr import fold_scales, mslr_delta, mslr_linear
+from mslr_kernels.mslr import fold_scales, mslr_delta, mslr_linear
 from pipeline.adapters import base_layers
 
 __all__ = ["InitMode", "MultiScaleLowRankLinear"]
