@@ -168,6 +168,7 @@ def _rebuild(
     cfg: RunConfig, info: modeling.ModelInfo, model_path: Path, adapter_dir: Path, device: torch.device
 ) -> tuple[Any, nn.Module]:
     """Build the model as run_training did and load the saved adapter (strict keys)."""
+    base_layers.install_log_notice()  # before build_model imports peft (and with it bitsandbytes)
     # run_training seeds right before build_model; forking keeps the caller's RNG state untouched.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
