@@ -49,7 +49,7 @@ import yaml
 
 logger = logging.getLogger(__name__)
 
-Method = Literal["vanilla", "ga", "lora", "lora_mslr", "ga_lora", "musclelora", "ref_only", "adapter", "prompt"]
+Method = Literal["vanilla", "ga", "lora", "lora_mslr", "ga_lora", "musclelora", "ref_only", "adapter", "prompt", "prefix"]
 METHODS: tuple[str, ...] = get_args(Method)
 MINILM_ALIAS = "minilm"
 """Value of ``model.name_or_path`` that selects the embedded all-MiniLM-L6-v2 checkpoint."""
@@ -465,6 +465,23 @@ class PromptConfig(_Validated):
 
 
 @dataclass(frozen=True)
+class PrefixConfig(_Validated):
+    """Prefix tuning (method ``prefix``, Li & Liang 2021): trainable keys and values in every attention layer."""
+
+    _prefix: ClassVar[str] = "prefix."
+
+    num_virtual_tokens: int = _field(
+        20, "key/value positions prepended in every self-attention layer (BERT-family encoders)", check=_bounds(gt=0)
+    )
+    init: Literal["words", "random"] = _field(
+        "words",
+        "words: start from the keys/values the model computes for num_virtual_tokens vocabulary words drawn "
+        "with the run's seed (Li & Liang); random: normal(0, init_std)",
+    )
+    init_std: float = _field(0.02, "init=random: standard deviation of the normal initialisation", check=_bounds(gt=0))
+
+
+@dataclass(frozen=True)
 class AnalysisConfig(_Validated):
     """Optional analyses during training (off by default)."""
 
@@ -491,8 +508,9 @@ class RunConfig(_Validated):
         "vanilla / ga: full fine-tuning (ga aligns); lora, lora_mslr, ga_lora, musclelora "
         "(= ga + lora + mslr): adapters; ref_only: musclelora's adapters trained on the clean reference "
         "rows alone (same steps, no alignment): the sanity floor; adapter: bottleneck adapters (Pfeiffer "
-        "placement, adapter.*) as a baseline; prompt: peft soft-prompt tuning (prompt.*, encoders) as the "
-        "prefix-family baseline",
+        "placement, adapter.*) as a baseline; prompt: peft soft-prompt tuning (prompt.*, encoders); prefix: "
+        "prefix tuning, trainable keys/values in every attention layer (prefix.*, BERT-family encoders). prompt and "
+        "prefix only reach the logits through the head: on MiniLM train it too (train.freeze_head=false, lr 1e-2)",
     )
     seed: int = _field(42, "seed for sampling, initialisation and shuffling", check=_bounds(ge=0, lt=2**32))
     output_dir: str = _field(
@@ -508,6 +526,7 @@ class RunConfig(_Validated):
     train: TrainConfig = _section(TrainConfig, "optimisation")
     adapter: BottleneckConfig = _section(BottleneckConfig, "bottleneck adapter baseline")
     prompt: PromptConfig = _section(PromptConfig, "soft-prompt tuning baseline")
+    prefix: PrefixConfig = _section(PrefixConfig, "prefix-tuning baseline")
     analysis: AnalysisConfig = _section(AnalysisConfig, "optional analyses")
 
     def _cross_problems(self, values: Mapping[str, Any], bad_keys: set[str]) -> list[_Problem]:
@@ -528,6 +547,7 @@ _SECTIONS: dict[str, type] = {
     "train": TrainConfig,
     "adapter": BottleneckConfig,
     "prompt": PromptConfig,
+    "prefix": PrefixConfig,
     "analysis": AnalysisConfig,
 }
 _TOP_KEYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(RunConfig) if f.name not in _SECTIONS)
@@ -998,7 +1018,7 @@ def uses_mslr(method: str) -> bool:
 def trains_backbone(method: str) -> bool:
     """Whether ``method`` fine-tunes every backbone weight (vanilla, ga) instead of adding adapters."""
     _check_method(method)
-    return not uses_lora(method) and method not in ("adapter", "prompt")
+    return not uses_lora(method) and method not in ("adapter", "prompt", "prefix")
 
 
 def uses_alignment(method: str) -> bool:

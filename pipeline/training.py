@@ -44,6 +44,7 @@ from pipeline import frequency
 from pipeline import memory
 from pipeline.adapters import base_layers, inject
 from pipeline.adapters.bottleneck import default_bottleneck_targets, inject_bottleneck
+from pipeline.adapters.prefix import apply_prefix_tuning, word_prefix_input
 from pipeline.adapters.state import adapter_tensor_names, load_adapter, save_adapter
 from pipeline.alignment import align_gradients
 from pipeline.config import (
@@ -165,12 +166,17 @@ def build_model(
         gradient_checkpointing=cfg.model.gradient_checkpointing,
         device=str(device),
     )
-    model, trainable = apply_method(cfg, info, model)
+    model, trainable = apply_method(cfg, info, model, tokenizer)
     return tokenizer, model, trainable
 
 
-def apply_method(cfg: RunConfig, info: modeling.ModelInfo, model: nn.Module) -> tuple[nn.Module, list[str]]:
-    """Add the method's adapters (LoRA, MSLR, soft prompt, bottleneck) and set what trains.
+def apply_method(
+    cfg: RunConfig, info: modeling.ModelInfo, model: nn.Module, tokenizer: Any = None
+) -> tuple[nn.Module, list[str]]:
+    """Add the method's adapters (LoRA, MSLR, soft prompt, prefixes, bottleneck) and set what trains.
+
+    ``tokenizer`` is only read by ``method=prefix`` with ``prefix.init=words``; without it (memory
+    planning on a meta-device skeleton) the prefixes take the random form, of the same shapes.
 
     Returns:
         (model, possibly wrapped by peft; trainable parameter names).
@@ -202,6 +208,18 @@ def apply_method(cfg: RunConfig, info: modeling.ModelInfo, model: nn.Module) -> 
                 "last position, which inputs_embeds with right padding makes a pad token. Use lora or adapter for decoders"
             ])
         model = inject.apply_prompt_tuning(model, num_virtual_tokens=cfg.prompt.num_virtual_tokens)
+    if cfg.method == "prefix":
+        if info.is_decoder:
+            raise ConfigError([
+                f"method=prefix: prefix tuning is supported for BERT-family encoders only, not {info.model_type}. "
+                "Use lora or adapter for decoders"
+            ])
+        init_input = None
+        if cfg.prefix.init == "words" and tokenizer is not None:
+            init_input = word_prefix_input(tokenizer, cfg.prefix.num_virtual_tokens, seed=cfg.seed)
+        apply_prefix_tuning(
+            model, num_tokens=cfg.prefix.num_virtual_tokens, init_std=cfg.prefix.init_std, init_input=init_input
+        )
     if cfg.method == "adapter":
         targets = list(cfg.adapter.targets or default_bottleneck_targets(info.model_type))
         inject_bottleneck(

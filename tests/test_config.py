@@ -29,7 +29,7 @@ from pipeline.config import (
 )
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "launch" / "configs"
-SECTIONS = ("model", "data", "lora", "mslr", "align", "train", "adapter", "prompt", "analysis")
+SECTIONS = ("model", "data", "lora", "mslr", "align", "train", "adapter", "prompt", "prefix", "analysis")
 AUTO_KEYS = {
     "data.max_length", "data.ref_size", "lora.r", "lora.alpha", "lora.target_modules", "mslr.targets",
     "mslr.scales", "mslr.alpha", "align.min_ref_loss", "align.max_raw_ratio", "align.start_epoch",
@@ -458,6 +458,7 @@ def test_method_helpers():
         "ref_only": (True, True, False),
         "adapter": (False, False, False),
         "prompt": (False, False, False),
+        "prefix": (False, False, False),
     }
     assert set(table) == set(typing.get_args(typing.get_type_hints(RunConfig)["method"]))
     for method, expected in table.items():

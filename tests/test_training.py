@@ -288,7 +288,9 @@ def test_launcher_help_lists_keys():
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("method", ["vanilla", "ga", "lora", "lora_mslr", "ga_lora", "musclelora", "ref_only", "adapter", "prompt"])
+@pytest.mark.parametrize(
+    "method", ["vanilla", "ga", "lora", "lora_mslr", "ga_lora", "musclelora", "ref_only", "adapter", "prompt", "prefix"]
+)
 def test_every_method_trains_the_right_parameters(method, tmp_path, tiny_data_root, tiny_bert_dir):
     metrics = run_training(_config(tmp_path, tiny_bert_dir, tiny_data_root, f"method={method}", "train.max_steps=3", "train.epochs=1"))
     assert metrics["global_steps"] == 3
@@ -299,7 +301,8 @@ def test_every_method_trains_the_right_parameters(method, tmp_path, tiny_data_ro
     assert has_lora == (method in {"lora", "lora_mslr", "ga_lora", "musclelora", "ref_only"})
     assert any(".down." in n for n in names) == (method == "adapter")
     assert any("prompt_encoder" in n for n in names) == (method == "prompt")
-    if method in ("adapter", "prompt"):  # the saved adapter reloads into a fresh model with the same test predictions
+    assert any(".prefix." in n for n in names) == (method == "prefix")
+    if method in ("adapter", "prompt", "prefix"):  # the saved adapter reloads into a fresh model with the same test predictions
         from pipeline.inference import evaluate_run
 
         again = evaluate_run(tmp_path / "run")["splits"]["test"]
@@ -441,12 +444,43 @@ def test_frequency_analysis_is_recorded_and_survives_resume(tmp_path, tiny_data_
     assert (tmp_path / "run" / "frequency_cache").is_dir()
 
 
+def test_prefix_init_words_starts_from_the_seeded_words_activations(tmp_path, tiny_data_root, tiny_bert_dir):
+    """build_model wires prefix.init=words to word_prefix_input(seed=cfg.seed); init=random does not."""
+    from pipeline import modeling
+    from pipeline.adapters.prefix import apply_prefix_tuning, word_prefix_input
+    from pipeline.config import ConfigError
+    from pipeline.training import build_model
+
+    info = modeling.read_model_info(tiny_bert_dir)
+    firsts = {}
+    for init in ("words", "random"):
+        cfg = _config(tmp_path, tiny_bert_dir, tiny_data_root, "method=prefix", f"prefix.init={init}", "seed=5",
+                      "prefix.num_virtual_tokens=3")
+        tokenizer, model, trainable = build_model(cfg, info, tiny_bert_dir)
+        assert all(".prefix." in name for name in trainable) and len(trainable) == 2 * model.config.num_hidden_layers
+        firsts[init] = next(m for m in model.modules() if hasattr(m, "prefix")).prefix.key.detach()
+    expected = modeling.load_classifier(
+        tiny_bert_dir, num_labels=2, dtype=torch.float32, is_decoder=False, trust_remote_code=False, llm_head_dim=16,
+        llm_head_dropout=0.1, pad_token_id=tokenizer.pad_token_id, quantization="none", quant_storage="auto",
+        double_quant=True, prepare_kbit=True, gradient_checkpointing=False, device="cpu")
+    apply_prefix_tuning(expected, num_tokens=3, init_input=word_prefix_input(tokenizer, 3, seed=5))
+    torch.testing.assert_close(firsts["words"], next(m for m in expected.modules() if hasattr(m, "prefix")).prefix.key)
+    assert not torch.allclose(firsts["words"], firsts["random"])
+    with pytest.raises(ConfigError, match="prefix.init"):
+        _config(tmp_path, tiny_bert_dir, tiny_data_root, "method=prefix", "prefix.init=vocab")
+
+
 @pytest.mark.integration
-def test_prompt_tuning_on_a_decoder_is_refused_before_writing(tmp_path, tiny_data_root, tiny_llama_dir):
+@pytest.mark.parametrize(("method", "message"), [
+    ("prompt", "method=prompt: soft prompts are supported for encoders only"),
+    ("prefix", "method=prefix: prefix tuning is supported for BERT-family encoders only, not llama"),
+])
+def test_prompt_and_prefix_tuning_on_a_decoder_are_refused_before_writing(method, message, tmp_path, tiny_data_root,
+                                                                          tiny_llama_dir):
     from pipeline.config import ConfigError
 
-    with pytest.raises(ConfigError, match="method=prompt: soft prompts are supported for encoders only"):
-        run_training(_config(tmp_path, tiny_llama_dir, tiny_data_root, "method=prompt", "train.max_steps=1"))
+    with pytest.raises(ConfigError, match=message):
+        run_training(_config(tmp_path, tiny_llama_dir, tiny_data_root, f"method={method}", "train.max_steps=1"))
     assert not (tmp_path / "run").exists()
 
 
@@ -516,12 +550,14 @@ def test_musclelora_bf16_on_cuda(quantization, tmp_path, tiny_data_root, tiny_ll
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("method", ["musclelora", "vanilla", "adapter"])
-def test_plan_without_training_equals_the_plan_of_the_run(method, tmp_path, tiny_data_root, tiny_llama_dir):
+@pytest.mark.parametrize(("method", "family"), [("musclelora", "llama"), ("vanilla", "llama"), ("adapter", "llama"),
+                                                ("prefix", "bert")])
+def test_plan_without_training_equals_the_plan_of_the_run(method, family, tmp_path, tiny_data_root, request):
     """plan_run (meta-device skeleton, no weights) predicts exactly what the training run logs and stores."""
     from pipeline.training import plan_run
 
-    cfg = _config(tmp_path, tiny_llama_dir, tiny_data_root, f"method={method}", "train.max_steps=1", "train.epochs=1")
+    model_dir = request.getfixturevalue(f"tiny_{family}_dir")
+    cfg = _config(tmp_path, model_dir, tiny_data_root, f"method={method}", "train.max_steps=1", "train.epochs=1")
     planned = plan_run(cfg).to_dict()
     assert not (tmp_path / "run").exists()  # planning writes nothing
     metrics = run_training(cfg)

@@ -26,6 +26,7 @@ from torch import nn
 
 from pipeline.adapters.bottleneck import BottleneckAdapter
 from pipeline.adapters.mslr import MultiScaleLowRankLinear
+from pipeline.adapters.prefix import PrefixKeyValues
 
 logger = logging.getLogger(__name__)
 
@@ -125,10 +126,9 @@ def apply_prompt_tuning(model: nn.Module, *, num_virtual_tokens: int) -> nn.Modu
     """Prepend ``num_virtual_tokens`` trainable input embeddings (peft PromptTuning, random init).
 
     peft's ``SEQ_CLS`` task wraps the classification head in a ``modules_to_save`` copy; whether the
-    head trains is decided afterwards by :func:`set_trainable`, as for LoRA. Prefix tuning proper
-    (peft ``PrefixTuningConfig``) injects per-layer keys and values through ``past_key_values``, which
-    transformers 5's BERT/RoBERTa/Llama sequence classifiers no longer accept (peft raises "Model does
-    not support past key values"), so soft-prompt tuning is the prefix-family baseline here.
+    head trains is decided afterwards by :func:`set_trainable`, as for LoRA. Prefix tuning proper is
+    :mod:`pipeline.adapters.prefix` (peft's ``PrefixTuningConfig`` goes through ``past_key_values``, which
+    transformers 5's sequence classifiers no longer accept).
 
     Returns:
         The ``peft.PeftModel``.
@@ -235,7 +235,7 @@ def inject_mslr(
 
 
 def _adapter_parameter_ids(model: nn.Module) -> set[int]:
-    """ids of LoRA (peft), soft-prompt (peft), MSLR and bottleneck-adapter parameters."""
+    """ids of LoRA (peft), soft-prompt (peft), MSLR, bottleneck-adapter and prefix parameters."""
     ids: set[int] = set()
     prompt_encoder = getattr(model, "prompt_encoder", None)
     if isinstance(prompt_encoder, nn.Module):
@@ -250,6 +250,8 @@ def _adapter_parameter_ids(model: nn.Module) -> set[int]:
             ids.update({id(module.lora_a), id(module.lora_b)})
         elif isinstance(module, BottleneckAdapter):
             ids.update(id(parameter) for sub in (module.down, module.up) for parameter in sub.parameters())
+        elif isinstance(module, PrefixKeyValues):
+            ids.update({id(module.key), id(module.value)})
     return ids
 
 
