@@ -373,3 +373,27 @@ derived: {{bki: {{from: vanilla}}}}
         load_grid(_grid_file(tmp_path, "attacks: [badnets]\nmethods: [lora]\nrun_first: [lora]\nrun_last: [lora]\n"))
     with pytest.raises(ConfigError, match="run_first names 'prefix'"):
         load_grid(_grid_file(tmp_path, "attacks: [badnets]\nmethods: [vanilla]\nrun_first: [prefix]\n"))
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "launch" / "configs").glob("matrix_*.yaml")))
+def test_shipped_grid_files_load_and_every_training_cell_is_a_valid_run_config(name):
+    """The grids in launch/configs parse, and each training cell's command line makes a valid RunConfig."""
+    from pipeline.config import load_config
+
+    grid = load_grid(REPO / "launch" / "configs" / name)
+    assert grid.cells and grid.publish_dir is not None and grid.discussion.is_file()
+    for cell in grid.cells:
+        if cell.source is not None:
+            continue  # derived cells (STRIP, BKI, CUBE) run their own entry points on the source run
+        args = cell_command(grid, cell, Path("unused-run-dir"), resume=False)
+        cfg = load_config(args[args.index("--config") + 1], args[args.index("--config") + 2:])
+        assert (cfg.method, cfg.seed, cfg.data.attack) == (cell.method, cell.seed, cell.attack)
+
+
+def test_shipped_grids_publish_into_distinct_folders():
+    """Each shipped grid reproduces its own REPORT.md: no two publish into the same folder or share an output_root."""
+    grids = [load_grid(path) for path in sorted((REPO / "launch" / "configs").glob("matrix_*.yaml"))]
+    assert len(grids) >= 2
+    for attribute in ("publish_dir", "output_root"):
+        places = [getattr(grid, attribute).resolve() for grid in grids]
+        assert len(set(places)) == len(places), attribute
