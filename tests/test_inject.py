@@ -137,6 +137,21 @@ def test_set_trainable_full_trains_everything(tiny_bert_dir):
     assert names == ["bert.pooler.dense.lora_a", "bert.pooler.dense.lora_b"]
 
 
+def test_trained_head_under_soft_prompts_is_the_copy_peft_runs_not_its_unused_original(tiny_bert_dir):
+    from pipeline.adapters.inject import apply_prompt_tuning
+
+    _, tokenizer, model = _build(tiny_bert_dir)
+    model = apply_prompt_tuning(model, num_virtual_tokens=3)
+    names = set_trainable(model, full=False, train_head=True, head_names=["classifier"])
+    assert sorted(names) == [
+        "base_model.classifier.modules_to_save.default.bias", "base_model.classifier.modules_to_save.default.weight",
+        "prompt_encoder.default.embedding.weight",
+    ]
+    batch = tokenizer(TEXTS, return_tensors="pt", padding=True)
+    model(**batch, labels=torch.zeros(len(TEXTS), dtype=torch.long)).loss.backward()
+    assert all(parameter.grad is not None for name, parameter in model.named_parameters() if name in names)
+
+
 def test_zero_init_mslr_leaves_logits_unchanged(tiny_roberta_dir):
     _, tokenizer, model = _build(tiny_roberta_dir)
     batch = tokenizer(TEXTS, padding=True, return_tensors="pt")

@@ -256,13 +256,16 @@ def _adapter_parameter_ids(model: nn.Module) -> set[int]:
 
 
 def _wrapped_base_parameter_ids(model: nn.Module) -> set[int]:
-    """ids of the frozen base-layer parameters inside LoRA and MSLR layers."""
+    """ids of the parameters a trained head must leave frozen: base layers inside LoRA and MSLR layers, and
+    the unused original of a head that peft's ``modules_to_save`` copies (its ``SEQ_CLS`` task does)."""
     ids: set[int] = set()
     for module in model.modules():
         if isinstance(module, (MultiScaleLowRankLinear, BottleneckAdapter)):
             ids.update(id(parameter) for parameter in module.base_layer.parameters())
         elif _is_lora_layer(module):
             ids.update(id(parameter) for parameter in module.get_base_layer().parameters())
+        elif isinstance(getattr(module, "original_module", None), nn.Module) and hasattr(module, "modules_to_save"):
+            ids.update(id(parameter) for parameter in module.original_module.parameters())
     return ids
 
 
@@ -275,7 +278,8 @@ def set_trainable(model: nn.Module, *, full: bool, train_head: bool, head_names:
             ignores ``train_head``, as the authors' full fine-tuning trains the head. False trains
             only the LoRA and MSLR parameters, plus the head if ``train_head``.
         train_head: under adapters, also train the head modules, except base weights of head
-            layers wrapped by MSLR or LoRA (only the adapter trains there).
+            layers wrapped by MSLR or LoRA (only the adapter trains there) and the unused original of a
+            head that peft copies into ``modules_to_save`` (soft prompts).
         head_names: head module names relative to the transformers model
             (``pipeline.modeling.head_module_names``).
 
