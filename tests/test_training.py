@@ -8,6 +8,7 @@ in one smoke test, the real MiniLM.
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -444,7 +445,7 @@ def test_frequency_analysis_is_recorded_and_survives_resume(tmp_path, tiny_data_
     assert (tmp_path / "run" / "frequency_cache").is_dir()
 
 
-def test_prefix_init_words_starts_from_the_seeded_words_activations(tmp_path, tiny_data_root, tiny_bert_dir):
+def test_prefix_init_words_starts_from_the_seeded_words_activations(tmp_path, tiny_data_root, tiny_bert_dir, caplog):
     """build_model wires prefix.init=words to word_prefix_input(seed=cfg.seed); init=random does not."""
     from pipeline import modeling
     from pipeline.adapters.prefix import apply_prefix_tuning, word_prefix_input
@@ -466,6 +467,12 @@ def test_prefix_init_words_starts_from_the_seeded_words_activations(tmp_path, ti
     apply_prefix_tuning(expected, num_tokens=3, init_input=word_prefix_input(tokenizer, 3, seed=5))
     torch.testing.assert_close(firsts["words"], next(m for m in expected.modules() if hasattr(m, "prefix")).prefix.key)
     assert not torch.allclose(firsts["words"], firsts["random"])
+    for freeze in ("true", "false"):  # a frozen random head is the trap the warning names
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="pipeline.training"):
+            build_model(_config(tmp_path, tiny_bert_dir, tiny_data_root, "method=prefix", f"train.freeze_head={freeze}"),
+                        info, tiny_bert_dir)
+        assert ("method=prefix with train.freeze_head=true" in caplog.text) == (freeze == "true")
     with pytest.raises(ConfigError, match="prefix.init"):
         _config(tmp_path, tiny_bert_dir, tiny_data_root, "method=prefix", "prefix.init=vocab")
 
