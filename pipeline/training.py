@@ -220,13 +220,6 @@ def apply_method(
         apply_prefix_tuning(
             model, num_tokens=cfg.prefix.num_virtual_tokens, init_std=cfg.prefix.init_std, init_input=init_input
         )
-    if cfg.method in ("prompt", "prefix") and cfg.train.freeze_head:
-        logger.warning(
-            "method=%s with train.freeze_head=true: the classification head stays at its random init and the %s "
-            "reach the logits only through it; on MiniLM such runs stay at chance (docs/prefix_baselines/REPORT.md). "
-            "Set train.freeze_head=false (the baselines grid also uses train.lr=1e-2) to train the head with them",
-            cfg.method, "soft prompt" if cfg.method == "prompt" else "prefixes",
-        )
     if cfg.method == "adapter":
         targets = list(cfg.adapter.targets or default_bottleneck_targets(info.model_type))
         inject_bottleneck(
@@ -741,6 +734,13 @@ def _run(cfg: RunConfig, runtime: dist.Runtime, ds_raw: Mapping[str, Any] | None
     torch.manual_seed(cfg.seed)
     baseline_mb = memory_baseline_mb(runtime.device)
     tokenizer, model, trainable_names = build_model(cfg, info, model_path, runtime.device)
+    if cfg.method in ("prompt", "prefix") and cfg.train.freeze_head:
+        logger.warning(
+            "method=%s with train.freeze_head=true: the classification head stays at its random init and the %s "
+            "reach the logits only through it; on MiniLM such runs stay at chance (docs/prefix_baselines/REPORT.md). "
+            "Set train.freeze_head=false (the baselines grid also uses train.lr=1e-2) to train the head with them",
+            cfg.method, "soft prompt" if cfg.method == "prompt" else "prefixes",
+        )
     if cfg.model.quantization == "none":  # quantized bases are placed by their loader
         model.to(runtime.device)
     loaders = build_loaders(cfg, tokenizer, training, evaluation)

@@ -461,17 +461,15 @@ def test_prefix_init_words_starts_from_the_seeded_words_activations(tmp_path, ti
         assert all(".prefix." in name for name in trainable) and len(trainable) == 2 * model.config.num_hidden_layers
         firsts[init] = next(m for m in model.modules() if hasattr(m, "prefix")).prefix.key.detach()
     expected = modeling.load_classifier(
-        tiny_bert_dir, num_labels=2, dtype=torch.float32, is_decoder=False, trust_remote_code=False, llm_head_dim=16,
-        llm_head_dropout=0.1, pad_token_id=tokenizer.pad_token_id, quantization="none", quant_storage="auto",
-        double_quant=True, prepare_kbit=True, gradient_checkpointing=False, device="cpu")
+        tiny_bert_dir, num_labels=2, dtype=torch.float32, is_decoder=False, pad_token_id=tokenizer.pad_token_id)
     apply_prefix_tuning(expected, num_tokens=3, init_input=word_prefix_input(tokenizer, 3, seed=5))
     torch.testing.assert_close(firsts["words"], next(m for m in expected.modules() if hasattr(m, "prefix")).prefix.key)
     assert not torch.allclose(firsts["words"], firsts["random"])
-    for freeze in ("true", "false"):  # a frozen random head is the trap the warning names
+    for freeze in ("true", "false"):  # a frozen random head is the trap the training run's warning names
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="pipeline.training"):
-            build_model(_config(tmp_path, tiny_bert_dir, tiny_data_root, "method=prefix", f"train.freeze_head={freeze}"),
-                        info, tiny_bert_dir)
+            run_training(_config(tmp_path, tiny_bert_dir, tiny_data_root, "method=prefix", f"train.freeze_head={freeze}",
+                                 "train.max_steps=1", "train.epochs=1", f"output_dir={tmp_path / freeze}"))
         assert ("method=prefix with train.freeze_head=true" in caplog.text) == (freeze == "true")
     with pytest.raises(ConfigError, match="prefix.init"):
         _config(tmp_path, tiny_bert_dir, tiny_data_root, "method=prefix", "prefix.init=vocab")

@@ -89,7 +89,7 @@ def word_prefix_input(tokenizer: Any, num_tokens: int, *, seed: int) -> tuple[Te
     special = set(tokenizer.all_special_ids)
     words = sorted(
         index for token, index in tokenizer.get_vocab().items()
-        if index not in special and len(token.lstrip("\u0120")) >= 3 and token.lstrip("\u0120").isalpha()
+        if index not in special and len(word := token.lstrip("\u0120")) >= 3 and word.isalpha()
     )
     if len(words) < num_tokens:
         raise ValueError(f"the vocabulary has {len(words)} whole-word tokens, fewer than num_tokens={num_tokens}")
