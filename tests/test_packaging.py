@@ -15,7 +15,6 @@ import os
 import shutil
 import subprocess
 import sys
-import sysconfig
 import zipfile
 from pathlib import Path
 
@@ -138,13 +137,14 @@ def test_editable_install_maps_mslr_kernels_to_the_kernels_folder(tmp_path):
     site_dir = tmp_path / "site"
     with zipfile.ZipFile(editable) as archive:
         archive.extractall(site_dir)
-    # -S: no site-packages processing, so this venv's own editable install (its .pth finder) stays out.
-    # The new install's .pth runs first (its finder module has the same name as any other editable
-    # install of musclelora), then this venv's site-packages goes on the path plainly.
+    # -S: no site-packages processing, so this environment's own editable install (its .pth finder) stays
+    # out. The new install's .pth runs first (its finder module has the same name as any other editable
+    # install of musclelora), then this process's library folders (not the checkout's) follow plainly.
+    libraries = [p for p in sys.path if p and not _inside(p, REPO)]
     code = (
         "import site, sys\n"
         f"site.addsitedir({str(site_dir)!r})\n"
-        f"sys.path.append({sysconfig.get_paths()['purelib']!r})\n" + PROBE
+        f"sys.path += {libraries!r}\n" + PROBE
     )
     # From the source root: its kernels/ folder is on sys.path (cwd) and must still lose to the hub package.
     found = _probe([sys.executable, "-S", "-c", code], cwd=src, pythonpath=None)
