@@ -646,8 +646,8 @@ def open_tensorboard(output_dir: Path) -> Any:
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        logger.warning("tensorboard is not installed: no TensorBoard scalars under %s (pip install tensorboard, "
-                       "or the project's [tensorboard] extra); log.jsonl has the same numbers", output_dir / "tensorboard")
+        logger.warning("tensorboard is not installed: no TensorBoard scalars under %s (pip install tensorboard, or "
+                       "the project's [tensorboard] extra); log.jsonl has the same numbers", output_dir / "tensorboard")
         return None
     return SummaryWriter(log_dir=str(output_dir / "tensorboard"))
 

@@ -8,13 +8,15 @@ same run's ``log.jsonl`` (per optimiser step) and ``metrics.json`` history (per 
 from __future__ import annotations
 
 import json
+import logging
+import sys
 from pathlib import Path
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from pipeline.config import load_config
-from pipeline.training import run_training
+from pipeline.training import open_tensorboard, run_training
 
 
 def _scalars(log_dir: Path) -> dict[str, dict[int, float]]:
@@ -57,3 +59,16 @@ def test_alignment_run_writes_telemetry_and_dev_clean_accuracy(tmp_path, tiny_da
     assert [h["epoch"] for h in history] == [0, 1]
     assert scalars["epoch/dev_clean_acc"] == pytest.approx({h["epoch"]: h["dev_clean_acc"] for h in history}, rel=1e-6)
     assert all(0.0 <= v <= 1.0 for v in scalars["epoch/dev_clean_acc"].values())
+
+
+def test_missing_tensorboard_is_a_warning_not_a_failure(tmp_path, monkeypatch, caplog):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # makes the import raise ImportError
+    with caplog.at_level(logging.WARNING, logger="pipeline.training"):
+        assert open_tensorboard(tmp_path) is None
+    assert "tensorboard is not installed" in caplog.text and str(tmp_path / "tensorboard") in caplog.text
+    assert not (tmp_path / "tensorboard").exists()
+    monkeypatch.undo()
+    writer = open_tensorboard(tmp_path)
+    writer.add_scalar("x", 1.5, 3)
+    writer.close()
+    assert _scalars(tmp_path / "tensorboard") == {"x": {3: 1.5}}
