@@ -59,7 +59,8 @@ def run_cell(out: Path, method: str, layout: str, args: argparse.Namespace) -> d
             f"train.batch_size={args.batch_size}", f"train.num_threads={threads}", f"data.max_length={args.max_length}",
             f"data.max_eval_samples={args.eval_samples}", f"data.attack={args.attack}", *args.overrides,
         ]
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "kernels")])}
+        checkout = os.pathsep.join([str(REPO), str(REPO / "kernels")])  # pipeline, mslr_kernels
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": checkout}
         train = str(REPO / "launch" / "train.py")
         if ranks == 1 and preset is None:
             command = [sys.executable, train]
