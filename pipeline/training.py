@@ -639,10 +639,15 @@ def group_cosines(task: Mapping[str, torch.Tensor], reference: Mapping[str, torc
 
 
 def open_tensorboard(output_dir: Path) -> Any:
-    """A TensorBoard writer under ``output_dir/tensorboard`` when tensorboard is installed, else None."""
+    """A TensorBoard writer under ``output_dir/tensorboard``; None (with a warning) without tensorboard.
+
+    The set-up installs tensorboard (the ``tensorboard`` extra); view with ``tensorboard --logdir runs/``.
+    """
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
+        logger.warning("tensorboard is not installed: no TensorBoard scalars under %s (pip install tensorboard, or "
+                       "the project's [tensorboard] extra); log.jsonl has the same numbers", output_dir / "tensorboard")
         return None
     return SummaryWriter(log_dir=str(output_dir / "tensorboard"))
 
