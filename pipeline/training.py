@@ -755,6 +755,8 @@ def _run(cfg: RunConfig, runtime: dist.Runtime, ds_raw: Mapping[str, Any] | None
         world_size=runtime.world_size, ds_config=ds_config, device_type=runtime.device.type,
     )
 
+    # Every rank must read what rank 0 writes into output_dir (resume, best epoch): refuse other set-ups now.
+    dist.check_shared_directory(runtime, output_dir)
     # Everything validated: from here on rank 0 writes files.
     handler = None
     if runtime.is_main:
