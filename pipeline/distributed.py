@@ -109,6 +109,12 @@ def init_runtime(*, use_deepspeed: bool, device: torch.device) -> Runtime:
     if device.type == "cuda":
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
+    if "MASTER_ADDR" not in os.environ and world_size > 1:
+        raise ConfigError([
+            f"WORLD_SIZE={world_size} but MASTER_ADDR is not set: start every node with a launcher (torchrun, "
+            "deepspeed, accelerate launch; README 'Several GPUs or nodes') or set MASTER_ADDR and MASTER_PORT "
+            "to rank 0's host and a free port there"
+        ])
     if "MASTER_ADDR" not in os.environ:
         # One process started without a launcher: give torch.distributed a one-rank rendezvous
         # (DeepSpeed would otherwise try MPI discovery).

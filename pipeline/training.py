@@ -922,13 +922,13 @@ def _train_and_evaluate(
         measure_frequency(0, 0)
     while progress["epoch"] < cfg.train.epochs and not done:
         epoch = progress["epoch"]
-        gates: Counter[str] = Counter()
+        gates: Counter[str] = Counter(progress.get("epoch_gates", {}))  # a resumed epoch continues its tallies
         batches = epoch_batches(len(loaders.train), cfg.train.batch_size, seed=cfg.seed, epoch=epoch)
         micro = progress["step_in_epoch"] * cfg.train.grad_accum_steps
         bar = tqdm(total=steps_per_epoch, initial=progress["step_in_epoch"], desc=f"epoch {epoch}",
                    disable=None if main else True, dynamic_ncols=True)
         model.train()
-        losses: list[float] = []
+        losses: list[float] = list(progress.get("epoch_losses", []))
         while micro < len(batches):
             step_started = time.perf_counter()
             group = batches[micro : micro + cfg.train.grad_accum_steps]
@@ -978,6 +978,7 @@ def _train_and_evaluate(
             every = cfg.train.checkpoint_every_steps
             if every > 0 and progress["global_step"] % every == 0:
                 progress["train_seconds"] = time.perf_counter() - started
+                progress["epoch_losses"], progress["epoch_gates"] = list(losses), dict(gates)
                 save_checkpoint()
         bar.close()
 
@@ -1009,6 +1010,7 @@ def _train_and_evaluate(
                 ckpt.save_tensors(checkpoint_dir / _BEST_FILE, best)
         progress["epoch"] = epoch + 1
         progress["step_in_epoch"] = 0
+        progress["epoch_losses"], progress["epoch_gates"] = [], {}
         progress["train_seconds"] = time.perf_counter() - started
         save_checkpoint()
 

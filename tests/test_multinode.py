@@ -26,7 +26,8 @@ import torch
 from safetensors.torch import load_file
 from test_distributed import CONFIG, REPO, TOL, _assert_same_run, _free_port, _overrides, no_dropout_models  # noqa: F401
 
-from pipeline.config import load_config
+from pipeline.config import ConfigError, load_config
+from pipeline.distributed import init_runtime
 from pipeline.training import run_training
 
 PROBE = Path(__file__).with_name("rank_probe.py")
@@ -35,9 +36,37 @@ STEPS = ("train.max_steps=6", "train.checkpoint_every_steps=3")
 _UNTIMED = ("seconds", "memory", "_mb", "samples_per_second")
 
 
+def test_a_world_without_rendezvous_address_is_refused(monkeypatch):
+    # e.g. RANK/WORLD_SIZE exported by hand or by a scheduler, one process per node without a launcher:
+    # each would otherwise train alone and write into the same output_dir.
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="WORLD_SIZE=2 but MASTER_ADDR is not set"):
+        init_runtime(use_deepspeed=False, device=torch.device("cpu"))
+    assert os.environ["WORLD_SIZE"] == "2"  # nothing rewritten
+
+
+def _launcher(launcher: str, node: int, port: int, nproc: int, tmp: Path) -> list[str]:
+    """The command that starts node ``node`` of two with each multi-node launcher the README documents."""
+    bindir = Path(sys.executable).parent
+    if launcher == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", str(nproc),
+                "--node_rank", str(node), "--master_addr", "127.0.0.1", "--master_port", str(port)]
+    if launcher == "deepspeed":  # the no-ssh form: the same hostfile on every node, one command per node
+        hostfile = tmp / "hostfile"
+        hostfile.write_text(f"localhost slots={nproc}\n127.0.0.1 slots={nproc}\n")
+        return [str(bindir / "deepspeed"), "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node),
+                "--master_addr", "127.0.0.1", "--master_port", str(port)]
+    assert launcher == "accelerate"
+    return [str(bindir / "accelerate"), "launch", "--config_file", str(REPO / "launch" / "configs" / "accelerate_zero2.yaml"),
+            "--num_machines", "2", "--machine_rank", str(node), "--num_processes", str(2 * nproc),
+            "--main_process_ip", "127.0.0.1", "--main_process_port", str(port), "--deepspeed_multinode_launcher", "standard"]
+
+
 def _nodes(args: list[str], tmp: Path, *, deepspeed: str | None, nproc: int = 1, stop_at: int | None = None,
-           env: dict[str, str] | None = None, name: str = "nodes") -> tuple[list[subprocess.Popen], Path]:
-    """Start two torchrun agents (node ranks 0 and 1), each in its own empty working directory."""
+           env: dict[str, str] | None = None, name: str = "nodes", launcher: str = "torchrun") -> tuple[list[subprocess.Popen], Path]:
+    """Start two launchers (node ranks 0 and 1), each in its own empty working directory."""
     probe_dir = tmp / f"{name}-probe"
     probe_dir.mkdir()
     port = _free_port()
@@ -45,9 +74,7 @@ def _nodes(args: list[str], tmp: Path, *, deepspeed: str | None, nproc: int = 1,
     for node in (0, 1):
         cwd = tmp / f"{name}-cwd{node}"
         cwd.mkdir(exist_ok=True)
-        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", str(nproc),
-                   "--node_rank", str(node), "--master_addr", "127.0.0.1", "--master_port", str(port), str(PROBE),
-                   "--config", str(CONFIG)]
+        command = [*_launcher(launcher, node, port, nproc, tmp), str(PROBE), "--config", str(CONFIG)]
         if deepspeed:
             command += ["--deepspeed", str(REPO / "ds_configs" / f"{deepspeed}.json")]
         full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "PROBE_DIR": str(probe_dir), **(env or {})}
@@ -190,6 +217,17 @@ def test_two_nodes_match_one_process(backend, nproc, tmp_path, no_dropout_models
                            deepspeed=deepspeed, nproc=nproc)
     stage = None if deepspeed is None else int(backend[4])
     _check_two_node_run(out, probe_dir, single_bert, tmp_path, world_size=2 * nproc, stage=stage)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.integration
+@pytest.mark.parametrize("launcher", ["deepspeed", "accelerate"])
+def test_multinode_launcher_forms_match_one_process(launcher, tmp_path, no_dropout_models, tiny_data_root, single_bert):
+    out = tmp_path / "run"
+    probe_dir = _run_nodes(_overrides(out, no_dropout_models["bert"], tiny_data_root, *STEPS), tmp_path,
+                           deepspeed="zero2" if launcher == "deepspeed" else None, launcher=launcher)
+    _check_two_node_run(out, probe_dir, single_bert, tmp_path, world_size=2, stage=2)
 
 
 def _untimed(value):
