@@ -192,6 +192,13 @@ def _sees_token(path: Path, token: str, wait_seconds: float) -> bool:
         time.sleep(0.5)
 
 
+def _remove_empty(folders: Sequence[Path]) -> None:
+    """Remove folders (deepest first) while they are empty; a folder with anything in it stays."""
+    for path in folders:
+        with contextlib.suppress(OSError):
+            path.rmdir()
+
+
 def check_shared_directory(runtime: Runtime, directory: Path) -> None:
     """Refuse a multi-rank run whose ``directory`` is not the same folder on every rank.
 
@@ -200,39 +207,46 @@ def check_shared_directory(runtime: Runtime, directory: Path) -> None:
     best epoch's weights before the final evaluation. Nodes without a common file system would
     each see their own ``output_dir`` and fail late, after training. So rank 0 writes a file with a
     fresh random token into ``directory`` (creating it), every rank reads it back, and the run stops
-    on every rank when one rank does not see it. Rank 0 removes the file, and on failure the
-    folders it created for the check. A no-op for one process.
+    on every rank when one rank does not see it. Rank 0 removes the file and the folders it created
+    for the check, so a run refused later for another reason leaves nothing behind. A no-op for one
+    process.
 
     Raises:
         ConfigError: on every rank, naming the ranks and hosts that do not see rank 0's file.
     """
     if not runtime.distributed or runtime.world_size == 1:
         return
+    wait_seconds = _shared_check_seconds()
     token = broadcast_object(runtime, uuid.uuid4().hex if runtime.is_main else None)
     probe = directory / f".shared-check-{token}"
     created: list[Path] = []
+    failure = None
     if runtime.is_main:
         created = [p for p in (directory, *directory.parents) if not p.exists()]
-        directory.mkdir(parents=True, exist_ok=True)
-        with open(probe, "w", encoding="utf-8") as handle:
-            handle.write(token)
-            handle.flush()
-            os.fsync(handle.fileno())
-    barrier(runtime)
-    seen = _sees_token(probe, token, 0.0 if runtime.is_main else _shared_check_seconds())
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            with open(probe, "w", encoding="utf-8") as handle:
+                handle.write(token)
+                handle.flush()
+                os.fsync(handle.fileno())
+        except OSError as error:
+            _remove_empty(created)
+            failure = f"output_dir={directory}: rank 0 cannot write there ({error}); choose a writable output_dir"
+    failure = broadcast_object(runtime, failure)  # also the barrier: the file is written before anyone looks
+    if failure is not None:
+        raise ConfigError([failure])
+    seen = _sees_token(probe, token, 0.0 if runtime.is_main else wait_seconds)
     reports = gather_objects(runtime, (runtime.rank, socket.gethostname(), str(directory.absolute()), seen))
     problem = None
     if runtime.is_main:
         probe.unlink(missing_ok=True)
+        _remove_empty(created)  # the run creates output_dir itself once everything is validated
         blind = [report for report in reports if not report[3]]
         if blind:
-            for path in created:  # deepest first
-                with contextlib.suppress(OSError):
-                    path.rmdir()  # only folders the check created, and only while empty
             where = "; ".join(f"rank {rank} on host {host} looks in {path}" for rank, host, path, _ in blind)
             problem = (
-                f"output_dir={directory}: not shared between the ranks ({where}, and does not see the file rank 0 "
-                f"wrote in {directory.absolute()} on host {socket.gethostname()}). Rank 0 writes checkpoints and "
+                f"output_dir={directory}: not shared between the ranks ({where}; not seeing the file rank 0 wrote "
+                f"in {directory.absolute()} on host {socket.gethostname()}). Rank 0 writes checkpoints and "
                 "adapters there and every rank reads them back (resume, best epoch): put output_dir on a file "
                 "system every node mounts at the same path (NFS, Lustre, a shared volume), as an absolute path"
             )

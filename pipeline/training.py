@@ -722,6 +722,8 @@ def _run(cfg: RunConfig, runtime: dist.Runtime, ds_raw: Mapping[str, Any] | None
         cfg, ds_raw=ds_raw, ds_source=ds_source, world_size=runtime.world_size, device_type=runtime.device.type,
     )
     resuming = _decide_output_dir(runtime, output_dir, cfg)
+    # Every rank reads back what rank 0 writes into output_dir (resume, best epoch): refuse other set-ups now.
+    dist.check_shared_directory(runtime, output_dir)
 
     paths, training = _training_data(cfg)
     evaluation = data_lib.load_evaluation_data(
@@ -755,8 +757,6 @@ def _run(cfg: RunConfig, runtime: dist.Runtime, ds_raw: Mapping[str, Any] | None
         world_size=runtime.world_size, ds_config=ds_config, device_type=runtime.device.type,
     )
 
-    # Every rank must read what rank 0 writes into output_dir (resume, best epoch): refuse other set-ups now.
-    dist.check_shared_directory(runtime, output_dir)
     # Everything validated: from here on rank 0 writes files.
     handler = None
     if runtime.is_main:

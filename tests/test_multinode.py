@@ -8,7 +8,9 @@ one process's (ZeRO-2, ZeRO-3, DDP, and 2 ranks per node, where local rank != gl
 1); only global rank 0 writes files, logs and progress; every rank's optimizer partition and RNG
 state reach ``ranks.pt`` in global-rank order; both nodes killed mid-run and restarted with
 ``resume=true`` end with the same weights and records as an uninterrupted run; an output folder
-the nodes do not share is refused at start, leaving nothing behind.
+the nodes do not share is refused at start, leaving nothing behind. The 4-rank ZeRO-2 case and the
+refusal run by default (about a minute on 2 cores); the rest is marked slow and run by
+``benchmarks/multinode_tests.sh`` (docs/BENCHMARKS.md has its measured run).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from safetensors.torch import load_file
 from test_distributed import CONFIG, REPO, TOL, _assert_same_run, _free_port, _overrides, no_dropout_models  # noqa: F401
 
 from pipeline.config import ConfigError, load_config
+from pipeline import distributed as dist
 from pipeline.distributed import init_runtime
 from pipeline.training import run_training
 
@@ -47,6 +50,14 @@ def test_a_world_without_rendezvous_address_is_refused(monkeypatch):
     assert os.environ["WORLD_SIZE"] == "2"  # nothing rewritten
 
 
+def test_shared_check_wait_must_be_a_number(monkeypatch):
+    monkeypatch.setenv("MUSCLELORA_SHARED_CHECK_SECONDS", "soon")
+    with pytest.raises(ConfigError, match="MUSCLELORA_SHARED_CHECK_SECONDS='soon': expected a number of seconds"):
+        dist._shared_check_seconds()
+    monkeypatch.setenv("MUSCLELORA_SHARED_CHECK_SECONDS", "2.5")
+    assert dist._shared_check_seconds() == 2.5
+
+
 def _launcher(launcher: str, node: int, port: int, nproc: int, tmp: Path) -> list[str]:
     """The command that starts node ``node`` of two with each multi-node launcher the README documents."""
     bindir = Path(sys.executable).parent
@@ -59,7 +70,11 @@ def _launcher(launcher: str, node: int, port: int, nproc: int, tmp: Path) -> lis
         return [str(bindir / "deepspeed"), "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node),
                 "--master_addr", "127.0.0.1", "--master_port", str(port)]
     assert launcher == "accelerate"
-    return [str(bindir / "accelerate"), "launch", "--config_file", str(REPO / "launch" / "configs" / "accelerate_zero2.yaml"),
+    # The shipped config names ds_configs/zero2.json relative to the repository root; the nodes run elsewhere.
+    config = tmp / "accelerate_zero2.yaml"
+    shipped = (REPO / "launch" / "configs" / "accelerate_zero2.yaml").read_text()
+    config.write_text(shipped.replace("ds_configs/zero2.json", str(REPO / "ds_configs" / "zero2.json")))
+    return [str(bindir / "accelerate"), "launch", "--config_file", str(config),
             "--num_machines", "2", "--machine_rank", str(node), "--num_processes", str(2 * nproc),
             "--main_process_ip", "127.0.0.1", "--main_process_port", str(port), "--deepspeed_multinode_launcher", "standard"]
 
@@ -181,15 +196,6 @@ def single_bert(tmp_path_factory, no_dropout_models, tiny_data_root) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def zero2_two_nodes(tmp_path_factory, no_dropout_models, tiny_data_root) -> tuple[Path, Path]:
-    """The uninterrupted two-node ZeRO-2 run (one rank per node): its output folder and probe folder."""
-    tmp = tmp_path_factory.mktemp("zero2_nodes")
-    out = tmp / "run"
-    probe_dir = _run_nodes(_overrides(out, no_dropout_models["bert"], tiny_data_root, *STEPS), tmp, deepspeed="zero2")
-    return out, probe_dir
-
-
 def _check_two_node_run(out: Path, probe_dir: Path, single: Path, tmp: Path, *, world_size: int, stage: int | None) -> None:
     _assert_same_run(single, out)
     metrics = json.loads((out / "metrics.json").read_text())
@@ -201,15 +207,11 @@ def _check_two_node_run(out: Path, probe_dir: Path, single: Path, tmp: Path, *, 
 
 @pytest.mark.distributed
 @pytest.mark.integration
-def test_two_nodes_zero2_match_one_process_and_only_rank0_writes(zero2_two_nodes, single_bert):
-    out, probe_dir = zero2_two_nodes
-    _check_two_node_run(out, probe_dir, single_bert, probe_dir.parent, world_size=2, stage=2)
-
-
-@pytest.mark.slow
-@pytest.mark.distributed
-@pytest.mark.integration
-@pytest.mark.parametrize(("backend", "nproc"), [("zero3", 1), ("ddp", 1), ("zero2", 2)])
+@pytest.mark.parametrize(("backend", "nproc"), [
+    ("zero2", 2),  # 4 ranks: on node 1 the local ranks 0, 1 are the global ranks 2, 3
+    pytest.param("zero3", 1, marks=pytest.mark.slow),
+    pytest.param("ddp", 1, marks=pytest.mark.slow),
+])
 def test_two_nodes_match_one_process(backend, nproc, tmp_path, no_dropout_models, tiny_data_root, single_bert):
     out = tmp_path / "run"
     deepspeed = None if backend == "ddp" else backend
@@ -247,10 +249,15 @@ def _metrics(run: Path) -> dict:
     return _untimed(json.loads((run / "metrics.json").read_text()))
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.integration
-def test_both_nodes_killed_and_resumed_end_like_an_uninterrupted_run(tmp_path, zero2_two_nodes, no_dropout_models, tiny_data_root):
-    straight, _ = zero2_two_nodes
+def test_both_nodes_killed_and_resumed_end_like_an_uninterrupted_run(tmp_path, no_dropout_models, tiny_data_root, single_bert):
+    # The uninterrupted run: two nodes of one rank each, ZeRO-2.
+    straight = tmp_path / "straight"
+    probe_dir = _run_nodes(_overrides(straight, no_dropout_models["bert"], tiny_data_root, *STEPS), tmp_path, deepspeed="zero2")
+    _check_two_node_run(straight, probe_dir, single_bert, tmp_path, world_size=2, stage=2)
+
     out = tmp_path / "run"
     args = _overrides(out, no_dropout_models["bert"], tiny_data_root, *STEPS)
     # Every rank stops inside step 5: the checkpoint of step 3 is complete, step 4 is logged past it.
