@@ -29,6 +29,11 @@ then runs identically everywhere and each rank writes its own part of the aligne
 (``deepspeed.utils.safe_set_full_grad``: no communication). Methods without alignment add at most
 one scalar all-reduce per step (the non-finite check). :class:`Engine` counts the collectives it
 issues in ``collectives``.
+
+Ranks are global (``RANK``): rank 0 writes every file, including each rank's optimizer partition
+and RNG state gathered into the checkpoint; ``LOCAL_RANK`` only picks the GPU on a node. Every rank
+reads the checkpoint back, so on several nodes ``output_dir`` must be one shared folder, which
+:func:`check_shared_directory` verifies at start.
 """
 
 from __future__ import annotations
@@ -55,9 +60,10 @@ logger = logging.getLogger(__name__)
 
 Backend = Literal["single", "ddp", "deepspeed"]
 
-# Keys of a DeepSpeed config that the run config owns (filled in by fill_deepspeed_config).
+# How long a rank waits to see rank 0's file in output_dir (check_shared_directory).
 _SHARED_CHECK_ENV = "MUSCLELORA_SHARED_CHECK_SECONDS"
 
+# Keys of a DeepSpeed config that the run config owns (filled in by fill_deepspeed_config).
 _OWNED_TOP_LEVEL = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping")
 
 
@@ -210,6 +216,10 @@ def check_shared_directory(runtime: Runtime, directory: Path) -> None:
     on every rank when one rank does not see it. Rank 0 removes the file and the folders it created
     for the check, so a run refused later for another reason leaves nothing behind. A no-op for one
     process.
+
+    Args:
+        runtime: this process's place in the job; every rank must call this (it holds collectives).
+        directory: the run's ``output_dir`` as this rank resolves it.
 
     Raises:
         ConfigError: on every rank, naming the ranks and hosts that do not see rank 0's file.
