@@ -63,6 +63,15 @@ def _accelerate_deepspeed_config() -> Path | None:
     return Path(path)
 
 
+def _quiet_library_progress_bars() -> None:
+    """On ranks other than 0: no model-loading or tokenisation progress bars (rank 0 draws them once)."""
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    datasets.disable_progress_bars()
+    hf_logging.disable_progress_bar()
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__,
@@ -122,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from pipeline.training import run_training  # heavy imports only when training
+
+    if os.environ.get("RANK", "0") != "0":
+        _quiet_library_progress_bars()
 
     try:
         metrics = run_training(cfg, deepspeed_config=args.deepspeed)

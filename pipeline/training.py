@@ -727,6 +727,8 @@ def _run(cfg: RunConfig, runtime: dist.Runtime, ds_raw: Mapping[str, Any] | None
         cfg, ds_raw=ds_raw, ds_source=ds_source, world_size=runtime.world_size, device_type=runtime.device.type,
     )
     resuming = _decide_output_dir(runtime, output_dir, cfg)
+    # Every rank reads back what rank 0 writes into output_dir (resume, best epoch): refuse other set-ups now.
+    dist.check_shared_directory(runtime, output_dir)
 
     paths, training = _training_data(cfg)
     evaluation = data_lib.load_evaluation_data(
@@ -925,13 +927,13 @@ def _train_and_evaluate(
         measure_frequency(0, 0)
     while progress["epoch"] < cfg.train.epochs and not done:
         epoch = progress["epoch"]
-        gates: Counter[str] = Counter()
+        gates: Counter[str] = Counter(progress.get("epoch_gates", {}))  # a resumed epoch continues its tallies
         batches = epoch_batches(len(loaders.train), cfg.train.batch_size, seed=cfg.seed, epoch=epoch)
         micro = progress["step_in_epoch"] * cfg.train.grad_accum_steps
         bar = tqdm(total=steps_per_epoch, initial=progress["step_in_epoch"], desc=f"epoch {epoch}",
                    disable=None if main else True, dynamic_ncols=True)
         model.train()
-        losses: list[float] = []
+        losses: list[float] = list(progress.get("epoch_losses", []))
         while micro < len(batches):
             step_started = time.perf_counter()
             group = batches[micro : micro + cfg.train.grad_accum_steps]
@@ -981,6 +983,7 @@ def _train_and_evaluate(
             every = cfg.train.checkpoint_every_steps
             if every > 0 and progress["global_step"] % every == 0:
                 progress["train_seconds"] = time.perf_counter() - started
+                progress["epoch_losses"], progress["epoch_gates"] = list(losses), dict(gates)
                 save_checkpoint()
         bar.close()
 
@@ -1012,6 +1015,7 @@ def _train_and_evaluate(
                 ckpt.save_tensors(checkpoint_dir / _BEST_FILE, best)
         progress["epoch"] = epoch + 1
         progress["step_in_epoch"] = 0
+        progress["epoch_losses"], progress["epoch_gates"] = [], {}
         progress["train_seconds"] = time.perf_counter() - started
         save_checkpoint()
 
