@@ -427,7 +427,7 @@ class DivergenceGuard:
     def check(self, *, step: int, epoch: int, loss: float, grad_norm: float, param_norm: float, lr: float) -> None:
         """Raise :class:`DivergenceError` naming the step and the cause when the step diverged."""
         if self.initial_param_norm is None:
-            self.initial_param_norm = param_norm
+            raise AssertionError("DivergenceGuard.initial_param_norm must be measured before the first step")
         if self.first_loss is None:
             self.first_loss = loss
         where = f"step {step} (epoch {epoch}, lr {lr:.3g})"
@@ -494,8 +494,12 @@ def _truncate_log(path: Path, global_step: int, epoch: int) -> None:
     if not path.exists():
         return
     kept = []
-    for line in path.read_text().splitlines():
-        record = json.loads(line)
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a record torn by a kill mid-append
+            logger.warning("%s:%d is not a JSON record (torn by an interrupted write?); dropped on resume", path, number)
+            continue
         late_epoch = record.get("type") == "epoch" and record.get("epoch", -1) >= epoch
         if record.get("global_step", 0) <= global_step and not late_epoch:
             kept.append(line)
@@ -989,7 +993,12 @@ def _check_resumable_config(output_dir: Path, resolved: dict[str, Any]) -> None:
     saved_path = output_dir / "config.yaml"
     if not saved_path.exists():
         return
-    saved = yaml.safe_load(saved_path.read_text())
+    try:
+        saved = yaml.safe_load(saved_path.read_text())
+    except yaml.YAMLError as error:
+        raise ConfigError([f"{saved_path} is not valid YAML ({error}); restore it from the run's metrics or start again"]) from error
+    if not isinstance(saved, dict):
+        raise ConfigError([f"{saved_path} holds {type(saved).__name__}, not the run config run_training writes"])
     ignore = _RESUME_IGNORED_KEYS
     diffs = []
 
@@ -1025,7 +1034,7 @@ def _train_and_evaluate(
     resolved = config_to_dict(cfg)
     if resuming:
         _check_resumable_config(output_dir, resolved)
-    if main:
+    elif main:
         ckpt.atomic_write_text(output_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
 
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
@@ -1065,6 +1074,8 @@ def _train_and_evaluate(
             ])
         # Parameters go in before the engine is built, so ZeRO's fp32 master copies start from them.
         load_trainable_state(params, state.trainable)
+        if main:  # the checkpoint is usable: record this invocation (a moved folder's new output_dir)
+            ckpt.atomic_write_text(output_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
 
     freq_every = cfg.analysis.frequency_every_steps
     freq_loaders = {"clean": loaders.selection, "backdoor": loaders.dev_poison}
@@ -1109,6 +1120,8 @@ def _train_and_evaluate(
 
     tally = EpochTally.from_state(progress.get("epoch_tally") if progress["step_in_epoch"] > 0 else None)
     guard = DivergenceGuard(num_labels=cfg.model.num_labels, **progress.get("divergence", {}))
+    if guard.initial_param_norm is None:
+        guard.initial_param_norm = trainable_norm(params)
 
     def save_checkpoint() -> None:
         progress["epoch_tally"] = tally.state()
@@ -1171,7 +1184,7 @@ def _train_and_evaluate(
             progress["samples_seen"] += rows
             progress["step_collectives"] = progress.get("step_collectives", 0) + record["collectives"]
             train_loss = record.pop("loss_sum") / rows
-            guard.check(step=progress["global_step"], epoch=epoch, loss=train_loss, grad_norm=record["grad_norm"],
+            guard.check(step=progress["global_step"] - 1, epoch=epoch, loss=train_loss, grad_norm=record["grad_norm"],
                         param_norm=trainable_norm(params), lr=record["lr"])
             tally.add(train_loss, record.get("gate"))
             bar.update(1)
