@@ -434,8 +434,9 @@ def run_grid(
     invalid = invalid_cells(grid) if validate else {}
     if invalid:
         raise ConfigError([
-            f"cell {cell.key}: {problem}" for cell, problems in invalid.items() for problem in problems
-        ] + [f"nothing ran: fix the grid {grid.path} or its base config {grid.base_config}"])
+            f"cell {cell.key}: {problem}; nothing ran: fix the grid {grid.path} or its base config {grid.base_config}"
+            for cell, problems in invalid.items() for problem in problems
+        ])
     changed = {cell: settings_changes(grid, cell) for cell in grid.cells if cell_state(cell_dir(grid, cell)) == "finished"}
     changed = {cell: changes for cell, changes in changed.items() if changes}
     if changed and not rerun_changed:

@@ -996,7 +996,12 @@ def _check_resumable_config(output_dir: Path, resolved: dict[str, Any]) -> None:
     try:
         saved = yaml.safe_load(saved_path.read_text())
     except yaml.YAMLError as error:
-        raise ConfigError([f"{saved_path} is not valid YAML ({error}); restore it from the run's metrics or start again"]) from error
+        mark = getattr(error, "problem_mark", None)
+        where = f"{saved_path}:{mark.line + 1}" if mark is not None else str(saved_path)
+        raise ConfigError([
+            f"{where}: not valid YAML ({getattr(error, 'problem', None) or type(error).__name__}); restore it (metrics.json "
+            "holds a copy under 'config' once a run finished) or start the run again"
+        ]) from error
     if not isinstance(saved, dict):
         raise ConfigError([f"{saved_path} holds {type(saved).__name__}, not the run config run_training writes"])
     ignore = _RESUME_IGNORED_KEYS
