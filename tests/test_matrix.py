@@ -397,3 +397,23 @@ def test_shipped_grids_publish_into_distinct_folders():
     for attribute in ("publish_dir", "output_root"):
         places = [getattr(grid, attribute).resolve() for grid in grids]
         assert len(set(places)) == len(places), attribute
+
+
+def test_every_cell_is_validated_before_the_first_starts_and_list_marks_invalid_cells(tmp_path, capsys):
+    """An unknown method used to show as "new" and fail only after every other cell had run."""
+    path = _grid_file(tmp_path, f"output_root: {tmp_path / 'out'}\nattacks: [badnets, addsent]\nmethods: [lora, lorra]\n")
+    grid = load_grid(path)
+    started = []
+    with pytest.raises(ConfigError, match=r"cell default/default/badnets/lorra/seed42: method .*'lorra'.*nothing ran"):
+        run_grid(grid, runner=lambda command, log, env: started.append(command) or 0)
+    assert started == [] and not (tmp_path / "out").exists()
+
+    sys.path.insert(0, str(REPO))
+    try:
+        from launch import matrix as matrix_cli
+    finally:
+        sys.path.remove(str(REPO))
+    assert matrix_cli.main(["--config", str(path), "--list"]) == 2
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == ["new", "invalid", "new", "invalid"]
+    assert "did you mean 'lora'" in lines[1] or "'lorra'" in lines[1]
