@@ -173,7 +173,11 @@ def prepare_output_dir(output_dir: Path, *, resume: bool, overwrite: bool) -> bo
     if resume:
         if output_dir.is_dir() and not output_dir.is_symlink():
             ckpt.recover_checkpoint(last)
+            ckpt.remove_stale_siblings(last)
         if (last / "COMPLETE").exists():
+            for torn in output_dir.glob(".*.tmp"):  # atomic writes of log.jsonl, config.yaml ... cut by a kill
+                if torn.is_file() and not torn.is_symlink():
+                    torn.unlink()
             return True
         if exists:
             raise OutputDirError(
@@ -449,10 +453,16 @@ class DivergenceGuard:
 
 
 def trainable_norm(params: Mapping[str, nn.Parameter]) -> float:
-    """Global L2 norm of the trainable parameters (of this rank's copies; ZeRO-3 placeholders count 0)."""
+    """Global L2 norm of the trainable parameters (of this rank's copies; ZeRO-3 placeholders count 0).
+
+    One norm per tensor in its own dtype (no full-precision copy of a large weight), one host sync.
+    """
     with torch.no_grad():
-        total = sum(float(p.detach().double().pow(2).sum()) for p in params.values() if p.numel())
-    return math.sqrt(total) if math.isfinite(total) else float("inf")
+        norms = [torch.linalg.vector_norm(p.detach()).float() for p in params.values() if p.numel()]
+        if not norms:
+            return 0.0
+        total = float(torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms])))
+    return total if math.isfinite(total) else float("inf")
 
 
 def load_trainable_state(params: Mapping[str, nn.Parameter], state: Mapping[str, torch.Tensor]) -> None:
@@ -1078,7 +1088,13 @@ def _train_and_evaluate(
                 f"{runtime.world_size}; resume with the same number of ranks"
             ])
         # Parameters go in before the engine is built, so ZeRO's fp32 master copies start from them.
-        load_trainable_state(params, state.trainable)
+        try:
+            load_trainable_state(params, state.trainable)
+        except KeyError as error:
+            raise ckpt.CorruptFileError(
+                f"{checkpoint_dir / _LAST / ckpt.TRAINABLE_FILE} does not fit this model: {error.args[0]}; resume it with "
+                "the configuration it was written with, or start a new run"
+            ) from error
         if main:  # the checkpoint is usable: record this invocation (a moved folder's new output_dir)
             ckpt.atomic_write_text(output_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
 

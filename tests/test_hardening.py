@@ -129,8 +129,10 @@ def test_kill_between_checkpoint_renames_resumes_from_the_retired_copy(straight,
     staging.mkdir()
     (staging / "trainable.safetensors").write_bytes(b"half")
     (checkpoints / ".best.safetensors.4242.abcd1234.tmp").write_bytes(b"half")
+    (run / ".log.jsonl.4242.abcd1234.tmp").write_bytes(b"half")
     run_training(_cfg(run, tiny_bert_dir, tiny_data_root, "resume=true"))
     assert sorted(p.name for p in checkpoints.iterdir()) == ["best.safetensors", "last"]
+    assert not list(run.glob(".*.tmp"))
     assert _record(run) == _record(straight)
 
 
@@ -187,6 +189,17 @@ def test_runaway_training_stops_with_step_cause_and_train_log(tmp_path, tiny_ber
     assert not (run / "metrics.json").exists()
     # The guard's thresholds leave an ordinary run alone (lr 1e-1 is already 100x the demo's).
     run_training(_cfg(tmp_path / "fine", tiny_bert_dir, tiny_data_root, "method=lora", "train.lr=1e-1", "train.epochs=1"))
+
+
+def test_most_rows_cut_by_max_length_are_warned_about(caplog):
+    cfg = load_config(None, ["data.max_length=4"])
+    with caplog.at_level("WARNING", logger="pipeline.training"):
+        training.warn_truncation(cfg, {"input_ids": [[1, 2, 3, 4], [1, 2, 3, 4], [1, 2]]})
+    assert "data.max_length=4 truncates 2 of 3 training rows" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="pipeline.training"):
+        training.warn_truncation(cfg, {"input_ids": [[1, 2, 3, 4], [1, 2], [1, 2]]})
+    assert caplog.text == ""
 
 
 def test_trust_remote_code_flag_lets_a_trusted_run_folder_run_its_code(tmp_path, tiny_bert_dir):
