@@ -171,7 +171,7 @@ def prepare_output_dir(output_dir: Path, *, resume: bool, overwrite: bool) -> bo
     exists = output_dir.is_symlink() or (output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())))
     last = output_dir / _CHECKPOINT_DIR / _LAST
     if resume:
-        if output_dir.is_dir() and not output_dir.is_symlink():
+        if output_dir.is_dir():
             ckpt.recover_checkpoint(last)
             ckpt.remove_stale_siblings(last)
         if (last / "COMPLETE").exists():
@@ -375,35 +375,39 @@ def batch_loss(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Ten
 
 @dataclasses.dataclass
 class EpochTally:
-    """What an epoch reports besides weights: every step's training loss and the alignment gate counts.
+    """What an epoch reports besides weights: the running sum of its step losses and the gate counts.
 
     Saved with each checkpoint (``progress["epoch_tally"]``) and restored on resume, so a run resumed
-    mid-epoch reports the same epoch ``train_loss`` and ``gates`` as an uninterrupted one.
+    mid-epoch reports the same epoch ``train_loss`` and ``gates`` as an uninterrupted one (the sum is
+    accumulated in step order and a float round-trips exactly through JSON, so bit for bit).
     """
 
-    losses: list[float] = dataclasses.field(default_factory=list)
+    loss_sum: float = 0.0
+    steps: int = 0
     gates: Counter[str] = dataclasses.field(default_factory=Counter)
 
     def add(self, loss: float, gate: str | None) -> None:
         """Count one optimiser step."""
-        self.losses.append(loss)
+        self.loss_sum += loss
+        self.steps += 1
         if gate is not None:
             self.gates[gate] += 1
 
     def mean_loss(self) -> float:
         """Mean of the epoch's step losses (0 for an epoch without steps)."""
-        return sum(self.losses) / max(len(self.losses), 1)
+        return self.loss_sum / max(self.steps, 1)
 
     def state(self) -> dict[str, Any]:
-        """JSON form for the checkpoint's progress record (floats round-trip exactly through JSON)."""
-        return {"losses": list(self.losses), "gates": dict(self.gates)}
+        """JSON form for the checkpoint's progress record."""
+        return {"loss_sum": self.loss_sum, "steps": self.steps, "gates": dict(self.gates)}
 
     @classmethod
     def from_state(cls, state: Mapping[str, Any] | None) -> EpochTally:
         """The tally saved by :meth:`state` (an empty one for None)."""
         if not state:
             return cls()
-        return cls(losses=[float(x) for x in state["losses"]], gates=Counter({str(k): int(v) for k, v in state["gates"].items()}))
+        return cls(loss_sum=float(state["loss_sum"]), steps=int(state["steps"]),
+                   gates=Counter({str(k): int(v) for k, v in state["gates"].items()}))
 
 
 @dataclasses.dataclass
