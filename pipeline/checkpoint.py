@@ -24,6 +24,9 @@ is in place.
 A damaged file (truncated safetensors, a torch file that is not a valid or not a weights-only pickle,
 unreadable JSON) raises :class:`CorruptFileError`, whose message names the file, what is wrong and
 what to do.
+
+A run folder (``run_training``'s ``output_dir``) is replaced only when :func:`foreign_entries` finds
+nothing in it that a run does not write, and :func:`remove_run_folder` never follows a link.
 """
 
 from __future__ import annotations
@@ -58,6 +61,55 @@ _CHECKPOINT_FILES = (TRAINABLE_FILE, OPTIMIZER_FILE, RNG_FILE, PROGRESS_FILE)
 
 class CorruptFileError(ValueError):
     """A checkpoint or weights file exists but cannot be read (truncated, damaged or refused)."""
+
+
+class NotARunFolderError(OSError):
+    """A folder that was to be replaced is not recognisably a run folder of this pipeline."""
+
+
+RUN_FOLDER_MARKERS = ("config.yaml", "train.log", "log.jsonl", "checkpoints", "metrics.json")
+"""A folder holding one of these is (part of) a run folder of this pipeline."""
+RUN_FOLDER_ENTRIES = frozenset({
+    *RUN_FOLDER_MARKERS, "adapter", "tensorboard", "frequency.json", "frequency_cache", "fourier", "cell.json",
+})
+"""Everything run_training (and launch/fourier.py, launch/matrix.py) writes into a run folder."""
+
+
+def foreign_entries(output_dir: Path) -> list[str]:
+    """Why ``output_dir`` is not recognisably a run folder of this pipeline (empty: it is one, or empty).
+
+    A run folder holds at least one of :data:`RUN_FOLDER_MARKERS` and nothing but
+    :data:`RUN_FOLDER_ENTRIES` and hidden ``*.tmp`` files of interrupted atomic writes.
+    """
+    if output_dir.is_symlink():
+        return [f"{output_dir} is a symbolic link (to {os.readlink(output_dir)}); nothing is deleted through a link"]
+    if not output_dir.is_dir():
+        return [f"{output_dir} is not a directory"]
+    names = sorted(p.name for p in output_dir.iterdir())
+    if not names:
+        return []
+    problems = [f"{name!r} is not written by a run" for name in names
+                if name not in RUN_FOLDER_ENTRIES and not (name.startswith(".") and name.endswith(".tmp"))]
+    if not any(name in RUN_FOLDER_MARKERS for name in names):
+        problems.append(f"it holds none of {list(RUN_FOLDER_MARKERS)}")
+    return problems
+
+
+def remove_run_folder(output_dir: Path) -> None:
+    """Delete a run folder's contents (after :func:`foreign_entries` found nothing foreign); symbolic links
+    inside are unlinked, never followed.
+
+    Raises:
+        NotARunFolderError: ``output_dir`` is a link, or holds something a run does not write.
+    """
+    problems = foreign_entries(output_dir)
+    if problems:
+        raise NotARunFolderError(f"refusing to delete {output_dir}: {'; '.join(problems)}")
+    for entry in output_dir.iterdir():
+        if entry.is_symlink() or not entry.is_dir():
+            entry.unlink()
+        else:
+            shutil.rmtree(entry)
 
 
 def fsync_directory(directory: Path) -> None:

@@ -263,10 +263,14 @@ def cell_dir(grid: Grid, cell: Cell) -> Path:
 
 
 def cell_state(run_dir: Path) -> str:
-    """``finished`` (metrics.json), ``resumable`` (complete checkpoint), ``stale`` (anything else present), ``new``."""
+    """``finished`` (metrics.json), ``resumable`` (complete checkpoint, also one a killed save left as
+    ``last.old-<pid>``, which the resume renames back), ``stale`` (anything else present), ``new``."""
     if (run_dir / "metrics.json").is_file():
         return "finished"
-    if (run_dir / "checkpoints" / "last" / "COMPLETE").is_file():
+    checkpoints = run_dir / "checkpoints"
+    if (checkpoints / "last" / "COMPLETE").is_file() or any(
+        (old / "COMPLETE").is_file() for old in checkpoints.glob("last.old-*")
+    ):
         return "resumable"
     return "stale" if run_dir.exists() else "new"
 
@@ -471,7 +475,13 @@ def run_grid(
             return
         if state == "stale":
             logger.warning("cell %s: removing an unfinished directory with no checkpoint", cell.key)
-            shutil.rmtree(run_dir)
+            try:
+                ckpt.remove_run_folder(run_dir)
+            except ckpt.NotARunFolderError as error:
+                with lock:
+                    counts["failed"] += 1
+                logger.error("cell %s: %s; move those files away and run the grid again", cell.key, error)
+                return
         run_dir.parent.mkdir(parents=True, exist_ok=True)
         command = cell_command(grid, cell, run_dir, resume=state == "resumable", python=python)
         log_file = logs / (cell.key.replace("/", "__") + ".log")

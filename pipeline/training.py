@@ -82,13 +82,6 @@ class OutputDirError(RuntimeError):
     """The output directory exists and neither ``resume`` nor ``overwrite`` was requested."""
 
 
-RUN_FOLDER_MARKERS = ("config.yaml", "train.log", _LOG_FILE, _CHECKPOINT_DIR, "metrics.json")
-"""A folder holding one of these is (part of) a run folder of this pipeline."""
-RUN_FOLDER_ENTRIES = frozenset({
-    *RUN_FOLDER_MARKERS, "adapter", "tensorboard", "frequency.json", "frequency_cache", "fourier", "cell.json",
-})
-"""Everything run_training (and launch/fourier.py, launch/matrix.py) writes into a run folder."""
-
 DIVERGENCE_LOSS_FACTOR = 100.0
 """A step's mean training loss above this many times max(first step's loss, ln num_labels) is divergence."""
 DIVERGENCE_PARAM_FACTOR = 1e4
@@ -120,44 +113,19 @@ def select_device(choice: str) -> torch.device:
     return torch.device("cuda")
 
 
-def foreign_entries(output_dir: Path) -> list[str]:
-    """Why ``output_dir`` is not recognisably a run folder of this pipeline (empty: it is one, or empty).
-
-    A run folder holds at least one of :data:`RUN_FOLDER_MARKERS` and nothing but
-    :data:`RUN_FOLDER_ENTRIES` and hidden ``*.tmp`` files of interrupted atomic writes.
-    """
-    if output_dir.is_symlink():
-        return [f"{output_dir} is a symbolic link (to {os.readlink(output_dir)}); nothing is deleted through a link"]
-    if not output_dir.is_dir():
-        return [f"{output_dir} is not a directory"]
-    names = sorted(p.name for p in output_dir.iterdir())
-    if not names:
-        return []
-    problems = [f"{name!r} is not written by a run" for name in names
-                if name not in RUN_FOLDER_ENTRIES and not (name.startswith(".") and name.endswith(".tmp"))]
-    if not any(name in RUN_FOLDER_MARKERS for name in names):
-        problems.append(f"it holds none of {list(RUN_FOLDER_MARKERS)}")
-    return problems
-
-
 def remove_run_folder(output_dir: Path) -> None:
-    """Delete a run folder's contents (after :func:`foreign_entries` found nothing foreign); symbolic links
-    inside are unlinked, never followed."""
-    problems = foreign_entries(output_dir)
-    if problems:
-        raise OutputDirError(f"overwrite=true: refusing to delete {output_dir}: {'; '.join(problems)}")
-    for entry in output_dir.iterdir():
-        if entry.is_symlink() or not entry.is_dir():
-            entry.unlink()
-        else:
-            shutil.rmtree(entry)
+    """Delete a run folder's contents (:func:`pipeline.checkpoint.remove_run_folder`) or raise OutputDirError."""
+    try:
+        ckpt.remove_run_folder(output_dir)
+    except ckpt.NotARunFolderError as error:
+        raise OutputDirError(f"overwrite=true: {error}") from error
 
 
 def prepare_output_dir(output_dir: Path, *, resume: bool, overwrite: bool) -> bool:
     """Decide what to do with ``output_dir`` before anything is written.
 
     ``overwrite`` only ever replaces a folder that is recognisably a run folder of this pipeline
-    (:func:`foreign_entries`); a checkpoint that a save killed between its two renames left as
+    (:func:`pipeline.checkpoint.foreign_entries`); a checkpoint that a save killed between its two renames left as
     ``last.old-<pid>`` is renamed back before a resume (:func:`pipeline.checkpoint.recover_checkpoint`).
 
     Returns:
@@ -191,7 +159,7 @@ def prepare_output_dir(output_dir: Path, *, resume: bool, overwrite: bool) -> bo
             "that run, overwrite=true to replace it, or choose another output_dir"
         )
     if exists:
-        problems = foreign_entries(output_dir)
+        problems = ckpt.foreign_entries(output_dir)
         if problems:
             raise OutputDirError(
                 f"output_dir={output_dir}: overwrite=true replaces only a run folder of this pipeline, and this is "

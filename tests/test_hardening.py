@@ -18,7 +18,7 @@ import yaml
 import pipeline.training as training
 from pipeline import checkpoint as ckpt
 from pipeline.config import load_config
-from pipeline.training import DivergenceError, OutputDirError, foreign_entries, prepare_output_dir, run_training
+from pipeline.training import DivergenceError, OutputDirError, prepare_output_dir, run_training
 
 # Timing and memory fields differ between any two runs; config.resume / output_dir say how a run was
 # invoked, not what it computed.
@@ -161,7 +161,7 @@ def test_overwrite_replaces_only_run_folders_and_never_follows_links(tmp_path):
     (run / "checkpoints").mkdir(parents=True)
     (run / "config.yaml").write_text("method: lora\n")
     (run / "adapter").symlink_to(outside)  # a link inside a run folder is removed, not followed
-    assert foreign_entries(run) == []
+    assert ckpt.foreign_entries(run) == []
     assert prepare_output_dir(run, resume=False, overwrite=True) is False
     training.remove_run_folder(run)
     assert list(run.iterdir()) == [] and (outside / "precious.txt").read_text() == "keep"

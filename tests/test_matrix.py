@@ -76,7 +76,7 @@ def test_bookkeeping_skips_finished_resumes_checkpointed_and_restarts_stale(tmp_
     (dirs["b"] / "checkpoints" / "last").mkdir(parents=True)
     (dirs["b"] / "checkpoints" / "last" / "COMPLETE").write_text("{}")
     (dirs["c"]).mkdir(parents=True)
-    (dirs["c"] / "junk").write_text("half written")
+    (dirs["c"] / "train.log").write_text("half written")  # killed before its first checkpoint
     assert [cell_state(dirs[m]) for m in "abcd"] == ["finished", "resumable", "stale", "new"]
     seen = []
 
@@ -84,7 +84,7 @@ def test_bookkeeping_skips_finished_resumes_checkpointed_and_restarts_stale(tmp_
         seen.append(command)
         out = Path(next(a for a in command if a.startswith("output_dir=")).split("=", 1)[1])
         out.mkdir(parents=True, exist_ok=True)
-        assert not (out / "junk").exists()
+        assert not (out / "train.log").exists()
         (out / "metrics.json").write_text(json.dumps({"cacc": 80.0, "asr": 20.0, "clean_fpr": 4.0, "history": [],
                                                       "train_seconds": 1.0, "peak_memory_mb": 1.0, "trainable_parameters": 3}))
         return 0
@@ -417,3 +417,19 @@ def test_every_cell_is_validated_before_the_first_starts_and_list_marks_invalid_
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in lines] == ["new", "invalid", "new", "invalid"]
     assert "did you mean 'lora'" in lines[1] or "'lorra'" in lines[1]
+
+
+def test_stale_cell_with_foreign_files_is_kept_and_a_retired_checkpoint_resumes(tmp_path):
+    """A stale cell is emptied only when it holds nothing but run files; a checkpoint that a kill between
+    the two renames of a save left as last.old-<pid> makes the cell resumable, not stale."""
+    grid = load_grid(_grid_file(tmp_path, f"output_root: {tmp_path / 'out'}\nattacks: [badnets]\nmethods: [lora, vanilla]\n"))
+    dirs = {c.method: cell_dir(grid, c) for c in grid.cells}
+    (dirs["lora"] / "checkpoints" / "last.old-4242").mkdir(parents=True)
+    (dirs["lora"] / "checkpoints" / "last.old-4242" / "COMPLETE").write_text("{}")
+    dirs["vanilla"].mkdir(parents=True)
+    (dirs["vanilla"] / "notes.txt").write_text("a user's file")
+    assert cell_state(dirs["lora"]) == "resumable"
+    seen = []
+    counts = run_grid(grid, runner=lambda command, log, env: seen.append(command) or 1)
+    assert counts["failed"] == 2 and len(seen) == 1 and seen[0][-1] == "resume=true"
+    assert (dirs["vanilla"] / "notes.txt").read_text() == "a user's file"
