@@ -257,6 +257,10 @@ CASES = [
          lambda e: (r := e.run_copy(), _edit_run_config(
              r, model__name_or_path=str(_damaged_model(e, lambda m: _truncate(m / "model.safetensors")))))[0]
          and [str(r), "--device", "cpu"], 2, ("model.safetensors",)),
+    Case("evaluate-corrupt-config-json", "evaluate",
+         lambda e: (r := e.run_copy(), _edit_run_config(
+             r, model__name_or_path=str(_damaged_model(e, lambda m: _corrupt_json(m / "config.json")))))[0]
+         and [str(r), "--device", "cpu"], 2, ("config.json", "damaged")),
     Case("evaluate-missing-data-root", "evaluate", lambda e: [str(e.run), "--data-root", str(e.tmp / "no_data")], 2, ("no_data",)),
     Case("evaluate-remote-code", "evaluate", lambda e: [str(_remote_code_run(e)), "--device", "cpu"], 2,
          ("trust_remote_code", "--trust-remote-code")),
