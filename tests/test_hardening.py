@@ -161,6 +161,7 @@ def test_overwrite_replaces_only_run_folders_and_never_follows_links(tmp_path):
     (run / "checkpoints").mkdir(parents=True)
     (run / "config.yaml").write_text("method: lora\n")
     (run / "adapter").symlink_to(outside)  # a link inside a run folder is removed, not followed
+    (run / "checkpoints" / "last").symlink_to(outside)  # ... at any depth
     assert ckpt.foreign_entries(run) == []
     assert prepare_output_dir(run, resume=False, overwrite=True) is False
     training.remove_run_folder(run)
