@@ -104,6 +104,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     onion.add_argument("--lm-batch-size", type=positive_int, default=32, help="sequences per LM forward pass (default: 32)")
     onion.add_argument("--lm-max-length", type=positive_int, default=None,
                        help="LM truncation in tokens (default: the LM's position limit)")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="allow a run whose config.yaml sets model.trust_remote_code: true to run the model's own "
+                             "Python code (refused by default: a run folder is data)")
     args = parser.parse_args(argv)
     if args.defense == "onion" and args.lm is None:
         parser.error("--defense onion needs --lm PATH, the directory of a local causal language model (e.g. GPT-2)")
@@ -141,7 +144,7 @@ def defend_run(args: argparse.Namespace) -> dict[str, Any]:
 
     logger = logging.getLogger("launch.defend")
     device = resolve_device(args.device)
-    cfg, tokenizer, model = load_run(args.run_dir, device)
+    cfg, tokenizer, model = load_run(args.run_dir, device, trust_remote_code=args.trust_remote_code)
     root = args.data_root if args.data_root is not None else Path(cfg.data.root)
     num_labels, target = cfg.model.num_labels, cfg.data.target_label
     count = cfg.data.max_eval_samples if args.max_eval_samples is None else (

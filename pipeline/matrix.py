@@ -36,6 +36,10 @@ A cell with ``metrics.json`` is finished and skipped; a cell with a complete che
 at any point and started again finishes without redoing finished cells. ``results.csv`` and
 ``REPORT.md`` are rebuilt from the finished cells' ``metrics.json`` after every cell.
 
+Before the first cell starts, every training cell's run config (base config + overrides + axes) is
+parsed and validated (:func:`cell_problems`); one invalid cell stops the grid with every problem listed,
+and ``--list`` shows such a cell as ``invalid``.
+
 A finished cell records its settings (the parsed base config, its overrides, a derived cell's source
 and arguments) in ``cell.json``. When the grid file or the base config changes them afterwards, the
 cell is ``changed``: the report leaves it out, and a run refuses to start until the old results are
@@ -259,10 +263,14 @@ def cell_dir(grid: Grid, cell: Cell) -> Path:
 
 
 def cell_state(run_dir: Path) -> str:
-    """``finished`` (metrics.json), ``resumable`` (complete checkpoint), ``stale`` (anything else present), ``new``."""
+    """``finished`` (metrics.json), ``resumable`` (complete checkpoint, also one a killed save left as
+    ``last.old-<pid>``, which the resume renames back), ``stale`` (anything else present), ``new``."""
     if (run_dir / "metrics.json").is_file():
         return "finished"
-    if (run_dir / "checkpoints" / "last" / "COMPLETE").is_file():
+    checkpoints = run_dir / "checkpoints"
+    if (checkpoints / "last" / "COMPLETE").is_file() or any(
+        (old / "COMPLETE").is_file() for old in checkpoints.glob("last.old-*")
+    ):
         return "resumable"
     return "stale" if run_dir.exists() else "new"
 
@@ -318,6 +326,30 @@ def cell_status(grid: Grid, cell: Cell) -> str:
     """:func:`cell_state`, with ``changed`` for a finished cell whose settings differ from the grid's now."""
     state = cell_state(cell_dir(grid, cell))
     return "changed" if state == "finished" and settings_changes(grid, cell) else state
+
+
+def cell_problems(grid: Grid, cell: Cell) -> list[str]:
+    """Why a cell's run config is invalid (empty when it parses): what ``launch/train.py`` would refuse at once.
+
+    A training cell's command line (base config, axes, overrides) is loaded as ``launch/train.py`` loads it;
+    a derived cell is checked through its source method's cell, whose overrides its retraining uses.
+    """
+    from pipeline.config import load_config
+
+    target = source_cell(cell) if cell.source is not None else cell
+    args = cell_command(grid, target, cell_dir(grid, target), resume=False)
+    start = args.index("--config")
+    try:
+        load_config(args[start + 1], args[start + 2:])
+    except ConfigError as error:
+        return list(error.problems)
+    return []
+
+
+def invalid_cells(grid: Grid) -> dict[Cell, list[str]]:
+    """Every cell whose run config is invalid, with its problems (:func:`cell_problems`)."""
+    found = {cell: cell_problems(grid, cell) for cell in grid.cells}
+    return {cell: problems for cell, problems in found.items() if problems}
 
 
 def cell_command(grid: Grid, cell: Cell, run_dir: Path, *, resume: bool, python: str = sys.executable) -> list[str]:
@@ -380,6 +412,7 @@ def run_grid(
     max_cells: int | None = None,
     jobs: int = 1,
     rerun_changed: bool = False,
+    validate: bool = True,
 ) -> dict[str, int]:
     """Run every unfinished cell in grid order, rebuilding results.csv and REPORT.md after each.
 
@@ -392,13 +425,22 @@ def run_grid(
         jobs: cells run side by side (give each cell ``train.num_threads`` = cores / jobs).
         rerun_changed: move finished cells whose settings changed to ``<output_root>/replaced/`` and rerun
             them (default: refuse to start while any exists).
+        validate: check every cell's run config before the first one starts (:func:`invalid_cells`); off
+            only for runners that do not run ``launch/train.py``.
 
     Returns:
         Counts of cells by outcome (``skipped``, ``ran``, ``failed``).
 
     Raises:
-        ConfigError: finished cells whose settings changed, and ``rerun_changed`` is off. Nothing ran.
+        ConfigError: a cell's run config is invalid, or finished cells' settings changed and ``rerun_changed``
+            is off. Nothing ran.
     """
+    invalid = invalid_cells(grid) if validate else {}
+    if invalid:
+        raise ConfigError([
+            f"cell {cell.key}: {problem}; nothing ran: fix the grid {grid.path} or its base config {grid.base_config}"
+            for cell, problems in invalid.items() for problem in problems
+        ])
     changed = {cell: settings_changes(grid, cell) for cell in grid.cells if cell_state(cell_dir(grid, cell)) == "finished"}
     changed = {cell: changes for cell, changes in changed.items() if changes}
     if changed and not rerun_changed:
@@ -433,7 +475,13 @@ def run_grid(
             return
         if state == "stale":
             logger.warning("cell %s: removing an unfinished directory with no checkpoint", cell.key)
-            shutil.rmtree(run_dir)
+            try:
+                ckpt.remove_run_folder(run_dir)
+            except ckpt.NotARunFolderError as error:
+                with lock:
+                    counts["failed"] += 1
+                logger.error("cell %s: %s; move those files away and run the grid again", cell.key, error)
+                return
         run_dir.parent.mkdir(parents=True, exist_ok=True)
         command = cell_command(grid, cell, run_dir, resume=state == "resumable", python=python)
         log_file = logs / (cell.key.replace("/", "__") + ".log")

@@ -147,10 +147,16 @@ def test_existing_output_dir_is_refused_then_overwritten(tmp_path, tiny_data_roo
     cfg = _config(tmp_path, tiny_bert_dir, tiny_data_root, "method=lora", "train.max_steps=2")
     with pytest.raises(OutputDirError, match="resume=true.*overwrite=true"):
         run_training(cfg)
+    # overwrite=true replaces only a run folder of this pipeline, never a folder holding other files
+    with pytest.raises(OutputDirError, match="'keep.txt' is not written by a run"):
+        run_training(_config(tmp_path, tiny_bert_dir, tiny_data_root, "method=lora", "train.max_steps=2", "overwrite=true"))
     assert (tmp_path / "run" / "keep.txt").read_text() == "user data"
+    (tmp_path / "run" / "keep.txt").unlink()
+    run_training(cfg)
+    first = (tmp_path / "run" / "metrics.json").read_text()
     run_training(_config(tmp_path, tiny_bert_dir, tiny_data_root, "method=lora", "train.max_steps=2", "overwrite=true"))
-    assert not (tmp_path / "run" / "keep.txt").exists()
-    assert (tmp_path / "run" / "metrics.json").exists()
+    assert (tmp_path / "run" / "metrics.json").read_text() != first  # rewritten (timings differ)
+    assert len((tmp_path / "run" / "log.jsonl").read_text().splitlines()) == 3  # 2 steps + 1 epoch, not appended
 
 
 @pytest.mark.integration
