@@ -44,6 +44,12 @@ def _inside(path: str | None, root: Path) -> bool:
     return path is not None and Path(path).resolve().is_relative_to(root.resolve())
 
 
+def _in_repo_source(path: str | None, repo: Path) -> bool:
+    """Inside the repository but not inside this environment's installed packages: ``make`` puts the
+    venv at ``<repo>/.venv``, whose site-packages is where Hugging Face's ``kernels`` belongs."""
+    return _inside(path, repo) and not _inside(path, Path(sys.prefix))
+
+
 def _hub_kernels_dir() -> Path:
     """Where the installed Hugging Face ``kernels`` distribution keeps its package."""
     return Path(importlib.metadata.distribution("kernels").locate_file("kernels")).resolve()
@@ -51,8 +57,8 @@ def _hub_kernels_dir() -> Path:
 
 def _assert_hub_kernels(found: dict, repo: Path) -> None:
     assert found["kernels_file"] is not None, f"`kernels` is a namespace package over {found['kernels_path']}"
-    assert not _inside(found["kernels_file"], repo), f"`kernels` resolves to this repository: {found['kernels_file']}"
-    assert not any(_inside(p, repo) for p in found["kernels_path"]), found["kernels_path"]
+    assert not _in_repo_source(found["kernels_file"], repo), f"`kernels` resolves to this repository: {found['kernels_file']}"
+    assert not any(_in_repo_source(p, repo) for p in found["kernels_path"]), found["kernels_path"]
     assert Path(found["kernels_file"]).resolve().parent == _hub_kernels_dir()
 
 
@@ -140,7 +146,7 @@ def test_editable_install_maps_mslr_kernels_to_the_kernels_folder(tmp_path):
     # -S: no site-packages processing, so this environment's own editable install (its .pth finder) stays
     # out. The new install's .pth runs first (its finder module has the same name as any other editable
     # install of musclelora), then this process's library folders (not the checkout's) follow plainly.
-    libraries = [p for p in sys.path if p and not _inside(p, REPO)]
+    libraries = [p for p in sys.path if p and not _in_repo_source(p, REPO)]
     code = (
         "import site, sys\n"
         f"site.addsitedir({str(site_dir)!r})\n"
