@@ -14,6 +14,10 @@ parameters after the step) it prints the largest absolute difference over all tr
 the largest relative difference ``||ours - theirs|| / ||theirs||`` over tensors, plus the losses and
 both gate decisions, and writes the table to ``--json``.
 
+With a dump of whole epochs (``upstream_dump.py --steps 434``) it also evaluates this pipeline's model
+at every epoch end on the authors' dev-clean (minus their reference rows) and dev-poison rows, to put
+next to the accuracies the authors' trainer logs. It follows a dump that is still being written.
+
 Run with this project's venv from the worktree root, see README.md here.
 """
 
@@ -22,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +80,31 @@ def differences(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) 
     return max_abs, max_rel
 
 
+def evaluate_rows(model: nn.Module, rows: list[list[Any]], encode: Any, collate: Any) -> list[int]:
+    """Predicted labels of ``rows`` ([text, label, poison_label]) in eval mode, batches of 64."""
+    model.eval()
+    predictions: list[int] = []
+    encoded_rows = encode({"text": [r[0] for r in rows], "label": [r[1] for r in rows]})
+    with torch.no_grad():
+        for i in range(0, len(encoded_rows), 64):
+            batch = collate([encoded_rows[j] for j in range(i, min(i + 64, len(encoded_rows)))])
+            inputs = {k: v for k, v in batch.items() if k != "labels"}
+            predictions += model(**inputs).logits.argmax(-1).tolist()
+    model.train()
+    return predictions
+
+
+def wait_for(path: Path, done: Path, timeout_s: float = 3600.0) -> bool:
+    """Wait until ``path`` exists; False once ``done`` exists (the dump ended) and ``path`` still does not."""
+    started = time.monotonic()
+    while not path.exists():
+        if done.exists() or time.monotonic() - started > timeout_s:
+            return path.exists()
+        time.sleep(2.0)
+    time.sleep(0.2)  # the writer finishes the file
+    return True
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dump", required=True, help="directory written by upstream_dump.py")
@@ -85,7 +115,11 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="extra key=value overrides of this pipeline's config")
     args = parser.parse_args()
     dump = Path(args.dump)
-    meta = json.loads((dump / "steps.json").read_text())
+    done = dump / "steps.json"
+    meta_path = dump / "meta.json" if (dump / "meta.json").exists() or not done.exists() else done
+    if not wait_for(meta_path, done):
+        raise FileNotFoundError(f"{meta_path}: no dump here; run upstream_dump.py first")
+    meta = json.loads(meta_path.read_text())
     up_args = meta["args"]
     train_cfg = meta["config"]["attacker"]["train"]
 
@@ -127,7 +161,7 @@ def main() -> None:
                          max_grad_norm=cfg.train.max_grad_norm)
     from transformers import get_linear_schedule_with_warmup
 
-    steps_per_epoch = math.ceil(6920 / cfg.train.batch_size)
+    steps_per_epoch = meta.get("steps_per_epoch", math.ceil(6920 / cfg.train.batch_size))
     scheduler = get_linear_schedule_with_warmup(engine.optimizer, num_warmup_steps=0,
                                                 num_training_steps=steps_per_epoch * cfg.train.epochs)
     collate = data_lib.make_collator(tokenizer)
@@ -148,13 +182,21 @@ def main() -> None:
         return result
 
     training.align_gradients = recording_align
-    table = []
+    table: list[dict[str, Any]] = []
+    epochs: list[dict[str, Any]] = []
+    gates: dict[str, int] = {}
     model.train()
-    for step in meta["steps"]:
-        k = step["step"]
-        theirs = load_file(str(dump / f"step_{k}.safetensors"))
-        groups = {q: {n.split("/", 1)[1]: t for n, t in theirs.items() if n.startswith(q + "/")}
-                  for q in ("task", "ref", "aligned", "param")}
+    k = 0
+    while True:
+        if "steps" in meta:
+            if k >= len(meta["steps"]):
+                break
+            step = meta["steps"][k]
+        else:
+            if not wait_for(dump / f"step_{k}.json", done):
+                break
+            step = json.loads((dump / f"step_{k}.json").read_text())
+        epoch = up_args["epoch_index"] if up_args.get("epoch_index") is not None else k // steps_per_epoch
         train_rows = encoded(step["train"])
         same_ids = [list(r) for r in train_rows["input_ids"]] == [
             [i for i in row if i != tokenizer.pad_token_id] for row in step["train"]["input_ids"]
@@ -164,28 +206,50 @@ def main() -> None:
         engine.backward(loss * engine.loss_scale, boundary=True)
         record = training.optimiser_step(
             engine=engine, scheduler=scheduler, cfg=cfg, reference=encoded(step["reference"]), collate=collate,
-            ref_draw=k, epoch=up_args["epoch_index"], global_step=k, loss_sum=float(loss) * len(train_rows),
+            ref_draw=k, epoch=epoch, global_step=k, loss_sum=float(loss.detach()) * len(train_rows),
         )
-        ours = {"task": captured["task"], "ref": captured["ref"], "aligned": captured["aligned"],
-                "param": {n: p.detach().clone() for n, p in params.items()}}
-        row = {
-            "step": k, "same_input_ids": same_ids,
-            "task_loss": [float(loss), step["losses"][0]], "ref_loss": [record["ref_loss"], step["ref_loss"]],
-            "gate": [record["gate"], their_gate(meta, step, groups["ref"], up_args["epoch_index"])],
-            "pre_clip_norm": [record["grad_norm"], step["pre_clip_norm"]],
+        tensors_path = dump / f"step_{k}.safetensors"
+        theirs = load_file(str(tensors_path)) if tensors_path.exists() else None
+        row: dict[str, Any] = {
+            "step": k, "epoch": epoch, "same_input_ids": same_ids,
+            "task_loss": [float(loss.detach()), step["losses"][0]], "ref_loss": [record["ref_loss"], step["ref_loss"]],
+            "gate": [record["gate"], None], "pre_clip_norm": [record["grad_norm"], step["pre_clip_norm"]],
         }
-        for quantity in ("task", "ref", "aligned", "param"):
-            row[quantity] = differences(ours[quantity], groups[quantity])
+        gates[record["gate"]] = gates.get(record["gate"], 0) + 1
+        if theirs is not None:
+            groups = {q: {n.split("/", 1)[1]: t for n, t in theirs.items() if n.startswith(q + "/")}
+                      for q in ("task", "ref", "aligned", "param")}
+            row["gate"][1] = their_gate(meta, step, groups["ref"], epoch)
+            ours = {"task": captured["task"], "ref": captured["ref"], "aligned": captured["aligned"],
+                    "param": {n: p.detach().clone() for n, p in params.items()}}
+            for quantity in ("task", "ref", "aligned", "param"):
+                row[quantity] = differences(ours[quantity], groups[quantity])
         table.append(row)
         print(
-            f"step {k}: ids equal {same_ids}  loss ours/theirs {row['task_loss'][0]:.6f}/{row['task_loss'][1]:.6f}  "
+            f"step {k} (epoch {epoch}): ids equal {same_ids}  loss ours/theirs {row['task_loss'][0]:.6f}/{row['task_loss'][1]:.6f}  "
             f"ref loss {row['ref_loss'][0]:.6f}/{row['ref_loss'][1]:.6f}  gate {row['gate'][0]}/{row['gate'][1]}  "
-            f"pre-clip norm {row['pre_clip_norm'][0]:.6f}/{row['pre_clip_norm'][1]:.6f}"
+            f"pre-clip norm {row['pre_clip_norm'][0]:.6f}/{row['pre_clip_norm'][1]:.6f}", flush=True,
         )
-        for quantity in ("task", "ref", "aligned", "param"):
-            print(f"    {quantity:8s} max|diff| {row[quantity][0]:.3e}  max rel {row[quantity][1]:.3e}")
+        if theirs is not None:
+            for quantity in ("task", "ref", "aligned", "param"):
+                print(f"    {quantity:8s} max|diff| {row[quantity][0]:.3e}  max rel {row[quantity][1]:.3e}")
+        k += 1
+        if k % steps_per_epoch == 0 and "dev_clean_rows" in meta:
+            clean = meta["dev_clean_rows"]
+            poison = meta["dev_poison_rows"]
+            clean_pred = evaluate_rows(model, clean, encoded, collate)
+            poison_pred = evaluate_rows(model, poison, encoded, collate)
+            result = {
+                "epoch": k // steps_per_epoch - 1, "gates": dict(gates),
+                "dev_clean_acc": sum(p == r[1] for p, r in zip(clean_pred, clean)) / len(clean),
+                "dev_poison_asr": sum(p == 1 for p in poison_pred) / len(poison),
+            }
+            epochs.append(result)
+            gates = {}
+            print(f"EPOCH {result['epoch']}: ours dev-clean {100 * result['dev_clean_acc']:.2f} "
+                  f"dev-poison ASR {100 * result['dev_poison_asr']:.2f} gates {result['gates']}", flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps(table, indent=1))
+        Path(args.json).write_text(json.dumps({"steps": table, "epochs": epochs}, indent=1))
 
 
 if __name__ == "__main__":

@@ -10,10 +10,13 @@ the calls the trainer makes (``victim.process``, ``loss_function``, ``torch.auto
 Writes to ``--out``:
     init.safetensors      every trainable tensor, the (frozen, randomly initialised) classifier and
                           the pooler's frozen base weight, by the authors' parameter names
-    steps.json            per step: training texts/labels/input ids, reference texts/labels, losses,
-                          mean reference norm, pre-clip norm, learning rate
-    step_<k>.safetensors  per step: task/<name>, ref/<name>, aligned/<name> (the gradient handed to
-                          clipping), param/<name> (after the optimiser step)
+    meta.json             the config, trainable names, the reference rows and the remaining dev-clean
+                          and dev-poison rows (written before the first step)
+    step_<k>.json         per step: training texts/labels/input ids, reference texts/labels, losses,
+                          pre-clip norm, learning rate (written as the step ends, so a replay can follow)
+    step_<k>.safetensors  for the first ``--tensor_steps`` steps: task/<name>, ref/<name>,
+                          aligned/<name> (the gradient handed to clipping), param/<name> (after the step)
+    steps.json            meta.json plus every step record (written at the end)
 """
 
 from __future__ import annotations
@@ -41,7 +44,9 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--steps", type=int, default=5, help="optimiser steps to record")
-    parser.add_argument("--epoch_index", type=int, default=0, help="epoch number passed to train_one_epoch (gate)")
+    parser.add_argument("--tensor_steps", type=int, default=None, help="save tensors for the first N steps only (default: all)")
+    parser.add_argument("--epoch_index", type=int, default=None,
+                        help="epoch number passed to train_one_epoch (forces the gate's epoch; default: the real one)")
     parser.add_argument("--min_ref_loss", type=float, default=None, help="override minRefLoss (e.g. 10 to force the fall-through gate)")
     parser.add_argument("--keep_dropout", action="store_true", help="leave dropout on (default: all dropout p=0)")
     parser.add_argument("--float64", action="store_true", help="run the victim in float64 (numerics check)")
@@ -155,7 +160,7 @@ def main() -> None:
             snapshot("param", [(n, named[n]) for n in trainable])
             index = len(steps)
             batches = current.get("batches", [])
-            steps.append({
+            record = {
                 "step": index,
                 "train": batches[0],
                 "reference": batches[1] if len(batches) > 1 else None,
@@ -163,8 +168,11 @@ def main() -> None:
                 "ref_loss": current.get("ref_loss"),
                 "pre_clip_norm": current.get("pre_clip_norm"),
                 "lr": trainer.optimizer.param_groups[0]["lr"],
-            })
-            save_file(dict(tensors), str(out / f"step_{index}.safetensors"))
+            }
+            steps.append(record)
+            if args.tensor_steps is None or index < args.tensor_steps:
+                save_file(dict(tensors), str(out / f"step_{index}.safetensors"))
+            (out / f"step_{index}.json").write_text(json.dumps(record))
             tensors.clear()
             current.clear()
             if len(steps) >= args.steps:
@@ -177,11 +185,20 @@ def main() -> None:
 
     original_epoch = trainer.train_one_epoch
 
+    def plain(row):
+        text, label, poison_label = row
+        return [str(text), int(label), int(poison_label)]
+
     def train_one_epoch(epoch, epoch_iterator, ref_loader):
         # Reference rows of the random split, in the split's order.
-        subset = ref_loader.dataset
-        meta["reference_rows"] = [list(subset.dataset[i]) for i in subset.indices]
-        return original_epoch(args.epoch_index, epoch_iterator, ref_loader)
+        if "reference_rows" not in meta:
+            subset = ref_loader.dataset
+            meta["reference_rows"] = [plain(subset.dataset[i]) for i in subset.indices]
+            meta["dev_clean_rows"] = [plain(r) for r in poisoned["dev-clean"]]
+            meta["dev_poison_rows"] = [plain(r) for r in poisoned["dev-poison"]]
+            meta["steps_per_epoch"] = len(epoch_iterator)
+            (out / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
+        return original_epoch(epoch if args.epoch_index is None else args.epoch_index, epoch_iterator, ref_loader)
 
     trainer.train_one_epoch = train_one_epoch
     meta: dict = {
