@@ -14,7 +14,7 @@ parameters after the step) it prints the largest absolute difference over all tr
 the largest relative difference ``||ours - theirs|| / ||theirs||`` over tensors, plus the losses and
 both gate decisions, and writes the table to ``--json``.
 
-With a dump of whole epochs (``upstream_dump.py --steps 434``) it also evaluates this pipeline's model
+With a dump of whole epochs (``upstream_dump.py --steps 435``) it also evaluates this pipeline's model
 at every epoch end on the authors' dev-clean (minus their reference rows) and dev-poison rows, to put
 next to the accuracies the authors' trainer logs. It follows a dump that is still being written.
 

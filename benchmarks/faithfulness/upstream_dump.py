@@ -159,7 +159,9 @@ def main() -> None:
             result = optimizer_step(*a, **k)
             snapshot("param", [(n, named[n]) for n in trainable])
             index = len(steps)
-            batches = current.get("batches", [])
+            # The step's training and reference batches are the last two process() calls before the
+            # update: the authors' per-epoch evaluation also calls process() (after the epoch's last step).
+            batches = current.get("batches", [])[-2:]
             record = {
                 "step": index,
                 "train": batches[0],
