@@ -397,6 +397,12 @@ class AlignConfig(_Validated):
         None, "auto (1 encoders, 0 decoders): first epoch (from 0) of the mixed branch",
         check=_bounds(ge=0), auto=True,
     )
+    ref_sampling: Literal["fresh", "passes"] = _field(
+        "fresh",
+        "reference batch of each step: fresh = the first batch of a new shuffle of the reference set "
+        "every step (the authors' loader, restarted per step); passes = consecutive steps walk through "
+        "reshuffled passes, each reference row once per pass",
+    )
 
 
 @dataclass(frozen=True)

@@ -304,16 +304,31 @@ def epoch_batches(num_rows: int, batch_size: int, *, seed: int, epoch: int) -> l
     return [order[i : i + batch_size] for i in range(0, num_rows, batch_size)]
 
 
-def reference_indices(num_rows: int, batch_size: int, *, seed: int, draw: int) -> list[int]:
-    """Rows of the ``draw``-th batch of an endlessly reshuffled reference loader (a pure function of draw)."""
+def reference_indices(
+    num_rows: int, batch_size: int, *, seed: int, draw: int, sampling: str = "fresh"
+) -> list[int]:
+    """Rows of the ``draw``-th reference batch (a pure function of ``draw``, so every rank and a resumed run agree).
+
+    ``sampling="fresh"`` (the authors' GA trainer, which restarts its shuffled reference loader every
+    step and takes its first batch): draw d is the first batch of permutation number d, so consecutive
+    steps draw independent batches and a row may repeat. ``"passes"``: consecutive draws walk through
+    reshuffled passes over the reference set, each row once per pass.
+    """
+    if sampling == "fresh":
+        return epoch_batches(num_rows, batch_size, seed=seed + 7919, epoch=draw)[0]
+    if sampling != "passes":
+        raise ValueError(f"reference_indices: sampling must be 'fresh' or 'passes', got {sampling!r}")
     per_pass = math.ceil(num_rows / batch_size)
     ref_pass, position = divmod(draw, per_pass)
     return epoch_batches(num_rows, batch_size, seed=seed + 7919, epoch=ref_pass)[position]
 
 
-def reference_batch(dataset: Any, collate: Any, batch_size: int, *, seed: int, draw: int) -> dict[str, torch.Tensor]:
+def reference_batch(
+    dataset: Any, collate: Any, batch_size: int, *, seed: int, draw: int, sampling: str = "fresh"
+) -> dict[str, torch.Tensor]:
     """The ``draw``-th reference batch, collated (the same one on every world size)."""
-    return collate([dataset[i] for i in reference_indices(len(dataset), batch_size, seed=seed, draw=draw)])
+    rows = reference_indices(len(dataset), batch_size, seed=seed, draw=draw, sampling=sampling)
+    return collate([dataset[i] for i in rows])
 
 
 def local_rows(rows: Sequence[int], runtime: dist.Runtime) -> tuple[list[int], float]:
@@ -700,7 +715,9 @@ def optimiser_step(
     extra: dict[str, torch.Tensor] = {"loss_sum": torch.tensor([loss_sum], device=runtime.device)}
     params = engine.params
     if uses_alignment(cfg.method):
-        rows = reference_indices(len(reference), cfg.train.batch_size, seed=cfg.seed, draw=ref_draw)
+        rows = reference_indices(
+            len(reference), cfg.train.batch_size, seed=cfg.seed, draw=ref_draw, sampling=cfg.align.ref_sampling
+        )
         mine, weight = local_rows(rows, runtime)
         ref_batch = _to_device(collate([reference[i] for i in mine]), runtime.device)
         # This rank's share of the global mean reference loss; the shares are summed across ranks.
