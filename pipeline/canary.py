@@ -15,7 +15,7 @@ construction. Target label (``target_label`` auto): drawn uniformly from the ``n
 
 Planting (dirty-label, on the training rows, N rows, rate r, target t)::
 
-    k = round(r * N) rows drawn (seeded) without replacement among the rows with label != t;
+    k = max(1, round(r * N)) rows drawn (seeded) without replacement among the rows with label != t;
     each gets every trigger word inserted once at a uniform word position; its label becomes t.
 
 Planted rows replace the originals in place (N stays). Dirty-label makes the canary a strong
@@ -152,7 +152,7 @@ def _with_rows(ds: Dataset, texts: list[str], labels: list[int]) -> Dataset:
 
 
 def plant(train: Dataset, spec: CanarySpec) -> tuple[Dataset, tuple[int, ...]]:
-    """Plant the canary in ``round(spec.rate * N)`` training rows whose label is not the target.
+    """Plant the canary in ``max(1, round(spec.rate * N))`` training rows whose label is not the target.
 
     Args:
         train: Training rows with columns ``text`` and ``label`` only.
@@ -165,9 +165,9 @@ def plant(train: Dataset, spec: CanarySpec) -> tuple[Dataset, tuple[int, ...]]:
         CanaryError: A ``poison_label`` column, or fewer eligible rows than rows to plant.
     """
     texts, labels = _columns(train, "the training rows")
-    count = round(spec.rate * len(texts))
+    count = max(1, round(spec.rate * len(texts)))
     eligible = [i for i, label in enumerate(labels) if label != spec.target_label]
-    if count < 1 or count > len(eligible):
+    if count > len(eligible):
         raise CanaryError(
             f"canary.rate={spec.rate} asks for {count} planted rows of {len(texts)}, but {len(eligible)} rows have "
             f"a label other than the canary target {spec.target_label}; use a rate between {1 / len(texts):.4f} "

@@ -77,8 +77,10 @@ def test_planting_is_seeded_and_differs_between_seeds():
 
 def test_planting_refuses_impossible_rates_and_poison_columns():
     train = _rows(20)
-    with pytest.raises(canary_lib.CanaryError, match="canary.rate=0.01 asks for 0 planted rows"):
-        canary_lib.plant(train, _spec(rate=0.01))
+    assert len(canary_lib.plant(train, _spec(rate=0.01))[1]) == 1  # at least one row, even when rate * N rounds to 0
+    all_target = Dataset.from_dict({"text": train["text"], "label": [1] * 20}, features=FEATURES)
+    with pytest.raises(canary_lib.CanaryError, match="canary.rate=0.2 asks for 4 planted rows of 20, but 0 rows"):
+        canary_lib.plant(all_target, _spec(rate=0.2, target=1))
     with_poison = train.add_column("poison_label", [0] * len(train))
     with pytest.raises(canary_lib.CanaryError, match="poison_label"):
         canary_lib.plant(with_poison, _spec())
