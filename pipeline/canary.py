@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import logging
 import random
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
@@ -299,18 +300,44 @@ def select_epoch(records: Sequence[Mapping[str, Any]], tolerance: float | None) 
     return Selection(int(best["epoch"]), False, reason)
 
 
-def verdict(record: Mapping[str, Any], spec: CanarySpec) -> dict[str, Any]:
+TASK_MARGIN = 0.05
+"""A model whose dev-clean accuracy is within this of the majority-class share has not learned the task."""
+
+
+def majority_share(labels: Sequence[int]) -> float:
+    """Share of the most frequent label: the accuracy of a model that predicts one class."""
+    if not labels:
+        raise ValueError("no labels")
+    return max(Counter(int(label) for label in labels).values()) / len(labels)
+
+
+def verdict(record: Mapping[str, Any], spec: CanarySpec, *, majority: float | None = None) -> dict[str, Any]:
     """The canary's summary at the selected epoch for metrics.json (percentages) and the user.
 
-    ``held`` is True when the planted backdoor's trigger-added ASR is within the tolerance.
+    ``held`` is True when the planted backdoor's trigger-added ASR is within the tolerance and the model
+    learned the task. A model that predicts (nearly) one class has canary ASR = floor when that class is
+    not the canary target, so the canary cannot tell anything: with dev-clean accuracy at most
+    ``majority + TASK_MARGIN`` the verdict is inconclusive and ``held`` is False (``task_learned`` False).
+
+    Args:
+        record: The selected epoch's record (fractions).
+        spec: The canary.
+        majority: The majority-class share of the selection rows (None: no task check).
     """
     asr, floor = 100 * record["canary_asr"], 100 * record["canary_floor"]
-    held = qualifies(record, spec.tolerance)
+    learned = majority is None or record["dev_clean_acc"] > majority + TASK_MARGIN
+    held = qualifies(record, spec.tolerance) and learned
+    state = "HELD" if held else ("NOT HELD" if learned else "INCONCLUSIVE")
     message = (
-        f"canary {'HELD' if held else 'NOT HELD'}: the planted backdoor ({' '.join(spec.trigger)} -> label "
+        f"canary {state}: the planted backdoor ({' '.join(spec.trigger)} -> label "
         f"{spec.target_label}) reaches ASR {asr:.1f}% against its clean floor {floor:.1f}% at the selected epoch "
         f"(trigger adds {asr - floor:.1f} points; tolerance {100 * spec.tolerance:.1f})"
     )
-    if not held:
+    if not learned:
+        message += (f"; the model did not learn the task (dev-clean accuracy {100 * record['dev_clean_acc']:.1f}% against "
+                    f"{100 * majority:.1f}% for always predicting the majority class), so the canary cannot say "
+                    "whether a backdoor was removed")
+    elif not held:
         message += "; the defence did not remove a backdoor it was known to contain"
-    return {"held": held, "asr": asr, "floor": floor, "asr_minus_floor": asr - floor, "message": message}
+    return {"held": held, "task_learned": learned, "asr": asr, "floor": floor, "asr_minus_floor": asr - floor,
+            "message": message}

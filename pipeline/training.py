@@ -1057,8 +1057,11 @@ def _train_and_evaluate(
     )
 
 
-def _canary_metrics(canary: canary_lib.CanaryData | None, progress: Mapping[str, Any]) -> dict[str, Any]:
-    """metrics.json's ``canary`` block and ``selection_rule`` (percentages; ``canary.enabled`` false without one)."""
+def _canary_metrics(canary: canary_lib.CanaryData | None, progress: Mapping[str, Any], majority: float) -> dict[str, Any]:
+    """metrics.json's ``canary`` block and ``selection_rule`` (percentages; ``canary.enabled`` false without one).
+
+    ``majority``: the majority-class share of the selection rows (the verdict is inconclusive at about it).
+    """
     if canary is None:
         return {"canary": {"enabled": False}, "selection_rule": "highest dev-clean accuracy (canary disabled)"}
     chosen = canary_lib.select_epoch(progress["history"], canary.spec.tolerance)
@@ -1067,7 +1070,7 @@ def _canary_metrics(canary: canary_lib.CanaryData | None, progress: Mapping[str,
         "canary": {
             "enabled": True, **canary.spec.to_dict(), "planted_rows": len(canary.planted),
             "triggered_selection_rows": len(canary.selection_rows), "selected_epoch_qualified": chosen.qualified,
-            **canary_lib.verdict(selected, canary.spec),
+            **canary_lib.verdict(selected, canary.spec, majority=majority),
         },
         "selection_rule": chosen.reason,
     }
@@ -1112,7 +1115,7 @@ def _final_evaluation(
         "per_class_accuracy": [100 * a for a in ev.per_class_accuracy(clean_preds, clean_labels, cfg.model.num_labels)],
         "confusion_matrix": ev.confusion_matrix(clean_preds, clean_labels, cfg.model.num_labels),
         "history": progress["history"],
-        **_canary_metrics(loaders.canary, progress),
+        **_canary_metrics(loaders.canary, progress, canary_lib.majority_share(loaders.selection.dataset["labels"])),
         "global_steps": progress["global_step"],
         "train_seconds": train_seconds,
         "samples_per_second": progress["samples_seen"] / max(train_seconds, 1e-9),

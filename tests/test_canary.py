@@ -217,7 +217,8 @@ def test_short_run_does_not_select_the_epoch_whose_canary_is_learned(tmp_path, t
     assert metrics["best_epoch"] == 1
     assert metrics["dev_clean_acc"] == pytest.approx(100 * metrics["history"][1]["dev_clean_acc"])
     canary = metrics["canary"]
-    assert canary["enabled"] and canary["held"] and canary["selected_epoch_qualified"]
+    assert canary["enabled"] and canary["selected_epoch_qualified"]
+    assert canary["held"] is canary["task_learned"]  # the tiny model may stay at chance: then it is inconclusive
     assert canary["trigger"] == list(canary_lib.draw_trigger(cfg.seed)) and canary["target_label"] == cfg.canary.target_label
     assert canary["planted_rows"] == round(0.1 * 96)
     on_disk = json.loads((tmp_path / "run" / "metrics.json").read_text())
@@ -229,6 +230,7 @@ def test_short_run_with_a_learned_canary_says_the_defence_did_not_hold(tmp_path,
     from launch import train as launcher
 
     _learned_at({0, 1}, monkeypatch)
+    monkeypatch.setattr(canary_lib, "majority_share", lambda labels: 0.0)  # count the tiny model as having learned the task
     args = [f"output_dir={tmp_path / 'run'}", f"model.name_or_path={tiny_bert_dir}", f"data.root={tiny_data_root}",
             "data.dataset=toy", "data.max_length=16", "data.ref_size=8", "train.epochs=2", "train.batch_size=8",
             "train.lr=1e-3", "mslr.scales=[1,2,4]", "canary.rate=0.1", "method=lora"]
@@ -330,3 +332,17 @@ def test_grid_report_has_canary_columns_only_when_a_cell_planted_one():
     assert lines[2] == "| vanilla | 80.0 ± 14.1 / 15.0 ± 7.1 (0/2) | - |"
     assert lines[3] == "| musclelora | 12.0 / 11.0 (1/1) | - |"
     assert canary_table([{**rows[0], "canary_asr": None}], ["vanilla"], ["badnets"]) == ""
+
+
+def test_verdict_is_inconclusive_for_a_model_that_did_not_learn_the_task():
+    spec = _spec(target=0)
+    learned = canary_lib.verdict(_record(1, 0.85, 0.12, 0.10), spec, majority=0.51)
+    assert learned["held"] and learned["task_learned"] and learned["message"].startswith("canary HELD")
+    assert learned["asr_minus_floor"] == pytest.approx(2.0)
+    backdoored = canary_lib.verdict(_record(1, 0.85, 0.80, 0.10), spec, majority=0.51)
+    assert not backdoored["held"] and "did not remove a backdoor it was known to contain" in backdoored["message"]
+    # A model predicting the other class everywhere: canary ASR = floor = 0, which alone would look held.
+    collapsed = canary_lib.verdict(_record(1, 0.518, 0.0, 0.0), spec, majority=0.51)
+    assert not collapsed["held"] and not collapsed["task_learned"]
+    assert collapsed["message"].startswith("canary INCONCLUSIVE") and "did not learn the task" in collapsed["message"]
+    assert canary_lib.majority_share([1, 1, 0, 1]) == 0.75
