@@ -148,6 +148,13 @@ def main(argv: list[str] | None = None) -> int:
         f"(clean false-positive rate {metrics['clean_fpr']:.2f}%, best epoch {metrics['best_epoch']})\n"
         f"outputs: {Path(cfg.output_dir).resolve()}  (metrics.json, log.jsonl, train.log, adapter/)"
     )
+    canary = metrics.get("canary", {})
+    if canary.get("enabled"):
+        print(canary["message"])
+        if not canary["selected_epoch_qualified"]:
+            print(f"WARNING: {metrics['selection_rule']}")
+    else:
+        print("canary: off (canary.enabled=false); the run cannot say whether the defence held")
     return 0
 
 

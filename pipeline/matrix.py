@@ -88,7 +88,7 @@ FILTERS = ("bki", "cube")
 CSV_FIELDS = (
     "dataset", "model", "attack", "method", "seed", "cacc", "asr", "clean_fpr", "asr_minus_clean_fpr",
     "best_epoch", "dev_clean_acc", "global_steps", "train_seconds", "wall_seconds", "peak_memory_mb",
-    "trainable_parameters", "gates", "run_dir",
+    "trainable_parameters", "canary_asr", "canary_floor", "canary_held", "gates", "run_dir",
 )
 
 
@@ -556,11 +556,13 @@ def collect_rows(grid: Grid) -> list[dict[str, Any]]:
         metrics = json.loads((run_dir / "metrics.json").read_text())
         extra = json.loads((run_dir / "cell.json").read_text()) if (run_dir / "cell.json").is_file() else {}
         gates = [e.get("gates", {}) for e in metrics.get("history", [])]
+        canary = metrics.get("canary") or {}
         rows.append({
             "dataset": cell.dataset, "model": cell.model, "attack": cell.attack, "method": cell.method, "seed": cell.seed,
             **{k: metrics.get(k) for k in ("cacc", "asr", "clean_fpr", "asr_minus_clean_fpr", "best_epoch", "dev_clean_acc",
                                             "global_steps", "train_seconds", "peak_memory_mb", "trainable_parameters")},
             "wall_seconds": extra.get("wall_seconds"),
+            "canary_asr": canary.get("asr"), "canary_floor": canary.get("floor"), "canary_held": canary.get("held"),
             "gates": json.dumps(gates),
             "run_dir": str(run_dir.relative_to(grid.output_root)),
             "_metrics": metrics,
@@ -611,6 +613,30 @@ def summary_table(rows: Sequence[Mapping[str, Any]], methods: Sequence[str], att
         complete = len(means["cacc"]) == len(attacks)
         averages = [f"{statistics.mean(means[k]):.1f}" if complete else "-" for k in ("cacc", "asr", "clean_fpr")]
         lines.append(f"| {method} | " + " | ".join(cells + averages) + f" | {len(seeds) or '-'} |")
+    return "\n".join(lines) + "\n"
+
+
+def canary_table(rows: Sequence[Mapping[str, Any]], methods: Sequence[str], attacks: Sequence[str]) -> str:
+    """Markdown: per method and attack the planted canary's ASR / clean floor at the selected epoch (mean over
+    seeds) and how many runs it held in; empty when no row has a canary."""
+    groups: dict[tuple[str, str], list[Mapping[str, Any]]] = defaultdict(list)
+    for row in rows:
+        if row.get("canary_asr") is not None:
+            groups[(row["method"], row["attack"])].append(row)
+    if not groups:
+        return ""
+    lines = ["| method | " + " | ".join(f"{a}: canary ASR / floor (held)" for a in attacks) + " |",
+             "|" + "---|" * (len(attacks) + 1)]
+    for method in methods:
+        if not any((method, a) in groups for a in attacks):
+            continue
+        cells = []
+        for attack in attacks:
+            group = groups.get((method, attack), [])
+            held = sum(bool(r["canary_held"]) for r in group)
+            cells.append(f"{_fmt([float(r['canary_asr']) for r in group])} / {_fmt([float(r['canary_floor']) for r in group])} "
+                         f"({held}/{len(group)})" if group else "-")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -691,6 +717,19 @@ def _shown(path: Path) -> str:
         return str(path)
 
 
+def _canary_lines(rows: Sequence[Mapping[str, Any]], grid: Grid) -> list[str]:
+    """The report's canary section (docs/CANARY.md), or nothing when no finished cell planted one."""
+    table = canary_table(rows, grid.methods, grid.attacks)
+    if not table:
+        return []
+    return [
+        "## Canary: the planted positive control at the selected epoch", "",
+        "Canary ASR: triggered non-target selection rows predicted as the canary's target; floor: the same rows",
+        "without the trigger. Held: the trigger adds at most canary.tolerance (docs/CANARY.md). Mean over seeds.", "",
+        table,
+    ]
+
+
 def grid_source(grid: Grid, method: str) -> str:
     """The method a derived method starts from (its name when it is not derived)."""
     return next((c.source for c in grid.cells if c.method == method and c.source), method)
@@ -718,6 +757,7 @@ def render_report(
         "floor under ASR that the trigger does not cause).",
         "",
         summary_table(rows, grid.methods, grid.attacks),
+        *_canary_lines(rows, grid),
         "## Cost per method (mean over finished cells)",
         "",
         "Train seconds: the training loop; cell wall seconds: the whole cell as the grid ran it (set-up,",

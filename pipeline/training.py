@@ -10,8 +10,11 @@ One optimiser step, read top to bottom in :func:`train_epoch`:
    raw-gradient mix (REFERENCE.md section 2.3).
 4. Non-finite check, global-norm clipping, AdamW step, linear schedule step.
 
-Each epoch ends with accuracy on the selection split (dev-clean minus the reference rows), which
-picks the best epoch; dev-poison ASR is logged for monitoring only and never used for selection.
+Each epoch ends with accuracy on the selection split (dev-clean minus the reference rows) and, with
+the canary on (pipeline/canary.py), the ASR of the planted canary backdoor on triggered copies of the
+non-target selection rows beside its clean floor; the best epoch is the most accurate among those whose
+canary stays at its floor (:func:`pipeline.canary.select_epoch`). Dev-poison ASR is logged for
+monitoring only and never used for selection.
 After training the best epoch's trainable weights are restored and CACC / ASR are measured on
 test-clean / test-poison.
 """
@@ -38,6 +41,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from pipeline import canary as canary_lib
 from pipeline import checkpoint as ckpt
 from pipeline import distributed as dist
 from pipeline import frequency
@@ -99,6 +103,8 @@ class Loaders:
     test_clean: DataLoader
     test_poison: DataLoader
     collate: Any
+    canary: canary_lib.CanaryData | None = None
+    canary_triggered: DataLoader | None = None
 
 
 # ----------------------------------------------------------------------------- setup
@@ -592,6 +598,21 @@ def _training_data(cfg: RunConfig) -> tuple[data_lib.SplitPaths, data_lib.Traini
     return paths, training
 
 
+def _plant_canary(cfg: RunConfig, training: data_lib.TrainingData) -> tuple[data_lib.TrainingData, canary_lib.CanaryData | None]:
+    """Plant the canary in the training rows (``canary.enabled``); reference and selection rows stay as they are."""
+    if not cfg.canary.enabled:
+        return training, None
+    spec = canary_lib.CanarySpec(
+        trigger=canary_lib.draw_trigger(cfg.canary.seed, num_tokens=cfg.canary.num_tokens, token_length=cfg.canary.token_length),
+        target_label=cfg.canary.target_label, rate=cfg.canary.rate, seed=cfg.canary.seed, tolerance=cfg.canary.tolerance,
+    )
+    try:
+        data = canary_lib.prepare(training.train, training.selection, spec)
+    except canary_lib.CanaryError as error:
+        raise ConfigError([f"canary: {error}"]) from error
+    return dataclasses.replace(training, train=data.train), data
+
+
 def _validated_setup(
     cfg: RunConfig,
     *,
@@ -673,6 +694,7 @@ def plan_run(
     if seq_len is None:
         tokenizer = modeling.load_tokenizer(model_path, is_decoder=info.is_decoder, trust_remote_code=cfg.model.trust_remote_code)
         _, training = _training_data(cfg)
+        training, _ = _plant_canary(cfg, training)
         seq_len = longest_row(*(data_lib.encode(ds, tokenizer, max_length=cfg.data.max_length)
                                 for ds in (training.train, training.reference)))
     skeleton = modeling.skeleton_classifier(
@@ -894,6 +916,7 @@ def _run(cfg: RunConfig, runtime: dist.Runtime, ds_raw: Mapping[str, Any] | None
     dist.check_shared_directory(runtime, output_dir)
 
     paths, training = _training_data(cfg)
+    training, canary_data = _plant_canary(cfg, training)
     evaluation = data_lib.load_evaluation_data(
         paths, num_labels=cfg.model.num_labels, max_eval_samples=cfg.data.max_eval_samples, seed=cfg.seed
     )
@@ -916,6 +939,10 @@ def _run(cfg: RunConfig, runtime: dist.Runtime, ds_raw: Mapping[str, Any] | None
     check_training_rows(cfg, tokenizer, training, paths)
     loaders = build_loaders(cfg, tokenizer, training, evaluation)
     warn_truncation(cfg, loaders.train)
+    if canary_data is not None:
+        triggered = data_lib.encode(canary_data.triggered, tokenizer, max_length=cfg.data.max_length)
+        loaders = dataclasses.replace(loaders, canary=canary_data, canary_triggered=DataLoader(
+            triggered, batch_size=cfg.train.eval_batch_size, shuffle=False, collate_fn=loaders.collate))
     if cfg.method == "ref_only":
         # The sanity floor: the same adapters, the same number of steps and rows, but every row is a
         # clean reference row (cycled), never a row of the poisoned training file.
@@ -1233,6 +1260,11 @@ def _train_and_evaluate(
             "train_loss": tally.mean_loss(), "dev_clean_acc": dev_acc,
             "dev_poison_asr_monitor_only": dev_asr, "gates": dict(tally.gates),
         }
+        if loaders.canary is not None:
+            canary_preds, _ = evaluate_split(model, loaders.canary_triggered, runtime, "canary")
+            canary_asr, canary_floor = canary_lib.canary_rates(
+                canary_preds.tolist(), dev_preds.tolist(), loaders.canary.selection_rows, loaders.canary.spec.target_label)
+            epoch_record.update(canary_asr=canary_asr, canary_floor=canary_floor, canary_asr_minus_floor=canary_asr - canary_floor)
         if main:
             _append_log(log_path, epoch_record)
             if writer is not None:
@@ -1241,9 +1273,13 @@ def _train_and_evaluate(
                 for gate, count in tally.gates.items():
                     writer.add_scalar(f"epoch/gate_{gate}", count, epoch)
         progress["history"].append(epoch_record)
-        logger.info("epoch %d: dev-clean acc %.2f%%, dev-poison ASR %.2f%% (monitoring only), gates %s",
-                    epoch, 100 * dev_acc, 100 * dev_asr, dict(tally.gates))
-        if dev_acc > progress["best_dev_clean_acc"]:
+        logger.info("epoch %d: dev-clean acc %.2f%%, dev-poison ASR %.2f%% (monitoring only), gates %s%s",
+                    epoch, 100 * dev_acc, 100 * dev_asr, dict(tally.gates),
+                    f", canary ASR {100 * epoch_record['canary_asr']:.2f}% (floor {100 * epoch_record['canary_floor']:.2f}%)"
+                    if loaders.canary is not None else "")
+        tolerance = loaders.canary.spec.tolerance if loaders.canary is not None else None
+        incumbent = next((r for r in progress["history"] if r["epoch"] == progress["best_epoch"]), None)
+        if canary_lib.better(epoch_record, incumbent, tolerance):
             progress["best_dev_clean_acc"] = dev_acc
             progress["best_epoch"] = epoch
             best = engine.full_parameters()
@@ -1264,6 +1300,25 @@ def _train_and_evaluate(
         cfg, info, engine, loaders, output_dir, progress, train_seconds, n_trainable, overlap, paths, ds_config,
         memory_plan,
     )
+
+
+def _canary_metrics(canary: canary_lib.CanaryData | None, progress: Mapping[str, Any], majority: float) -> dict[str, Any]:
+    """metrics.json's ``canary`` block and ``selection_rule`` (percentages; ``canary.enabled`` false without one).
+
+    ``majority``: the majority-class share of the selection rows (the verdict is inconclusive at about it).
+    """
+    if canary is None:
+        return {"canary": {"enabled": False}, "selection_rule": "highest dev-clean accuracy (canary disabled)"}
+    chosen = canary_lib.select_epoch(progress["history"], canary.spec.tolerance)
+    selected = next(r for r in progress["history"] if r["epoch"] == progress["best_epoch"])
+    return {
+        "canary": {
+            "enabled": True, **canary.spec.to_dict(), "planted_rows": len(canary.planted),
+            "triggered_selection_rows": len(canary.selection_rows), "selected_epoch_qualified": chosen.qualified,
+            **canary_lib.verdict(selected, canary.spec, majority=majority),
+        },
+        "selection_rule": chosen.reason,
+    }
 
 
 def _final_evaluation(
@@ -1305,6 +1360,7 @@ def _final_evaluation(
         "per_class_accuracy": [100 * a for a in ev.per_class_accuracy(clean_preds, clean_labels, cfg.model.num_labels)],
         "confusion_matrix": ev.confusion_matrix(clean_preds, clean_labels, cfg.model.num_labels),
         "history": progress["history"],
+        **_canary_metrics(loaders.canary, progress, canary_lib.majority_share(loaders.selection.dataset["labels"])),
         "global_steps": progress["global_step"],
         "train_seconds": train_seconds,
         "samples_per_second": progress["samples_seen"] / max(train_seconds, 1e-9),
@@ -1338,6 +1394,11 @@ def _final_evaluation(
         metrics["memory_estimate"]["total_mb"], metrics["memory_estimate"]["peak_phase"],
         "" if device.type == "cuda" else f"; {_CPU_PEAK_NOTE}",
     )
+    if loaders.canary is not None:
+        canary_log = logger.info if metrics["canary"]["held"] else logger.warning
+        canary_log("%s", metrics["canary"]["message"])
+        if not metrics["canary"]["selected_epoch_qualified"]:
+            logger.warning("selection: %s", metrics["selection_rule"])
     logger.info(
         "CACC %.2f%%  ASR %.2f%%  (clean FPR %.2f%%, trigger adds %.2f points)  best epoch %d  -> %s",
         metrics["cacc"], metrics["asr"], metrics["clean_fpr"], metrics["asr_minus_clean_fpr"],
