@@ -915,8 +915,8 @@ def _run(cfg: RunConfig, runtime: dist.Runtime, ds_raw: Mapping[str, Any] | None
     # Every rank reads back what rank 0 writes into output_dir (resume, best epoch): refuse other set-ups now.
     dist.check_shared_directory(runtime, output_dir)
 
-    paths, training = _training_data(cfg)
-    training, canary_data = _plant_canary(cfg, training)
+    paths, file_training = _training_data(cfg)
+    training, canary_data = _plant_canary(cfg, file_training)
     evaluation = data_lib.load_evaluation_data(
         paths, num_labels=cfg.model.num_labels, max_eval_samples=cfg.data.max_eval_samples, seed=cfg.seed
     )
@@ -936,7 +936,7 @@ def _run(cfg: RunConfig, runtime: dist.Runtime, ds_raw: Mapping[str, Any] | None
         )
     if cfg.model.quantization == "none":  # quantized bases are placed by their loader
         model.to(runtime.device)
-    check_training_rows(cfg, tokenizer, training, paths)
+    check_training_rows(cfg, tokenizer, file_training, paths)  # the file's rows: the canary relabels some
     loaders = build_loaders(cfg, tokenizer, training, evaluation)
     warn_truncation(cfg, loaders.train)
     if canary_data is not None:
