@@ -106,11 +106,14 @@ def test_a_few_musclelora_steps_train_only_adapters(smollm2_dir, tmp_path, tiny_
     assert metrics["global_steps"] == 2 and metrics["model_type"] == "llama"
     tensors = load_file(str(tmp_path / "run" / "adapter" / "adapter.safetensors"))
     lora = {n for n in tensors if "lora_A" in n or "lora_B" in n}
-    mslr = {n for n in tensors if n.startswith("score.dense.")}
-    assert len(lora) == 4 * 30 and set(tensors) == lora | mslr, sorted(set(tensors) - lora - mslr)[:5]
+    head = {n for n in tensors if ".score." in n}  # MSLR factors + the frozen random head (needed to reload)
+    assert len(lora) == 4 * 30 and set(tensors) == lora | head, sorted(set(tensors) - lora - head)[:5]
+    assert {n.split(".score.")[1] for n in head} == {"dense.base_layer.weight", "dense.lora_a", "dense.lora_b", "out_proj.weight"}
     assert all("q_proj" in n or "v_proj" in n for n in lora)
-    # LoRA B starts at zero: the two steps moved it; nothing else of the backbone or head is saved.
+    # LoRA B starts at zero: the two steps moved it; no backbone weight is trainable or saved.
     assert any(tensors[n].abs().sum() > 0 for n in lora if "lora_B" in n)
+    # Per layer q_proj A 2x576 + B 576x2, v_proj A 2x576 + B 192x2 (GQA); MSLR: 4 scales x (576 + 16).
+    assert metrics["trainable_parameters"] == 30 * (2 * 2 * 576 + 2 * 576 + 2 * 192) + 4 * (576 + 16)
     steps = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines() if '"step"' in x]
     assert all(r["gate"] == "align" and math.isfinite(r["loss"]) for r in steps)
 
