@@ -174,3 +174,45 @@ def test_stale_cache_is_rebuilt_from_the_gguf_file_not_used(smollm2_dir, tmp_pat
 def test_missing_gguf_is_an_error_naming_it(tmp_path):
     with pytest.raises(SmolLM2CacheError, match=r"nothere\.gguf.*does not exist.*reinstall"):
         smollm2.resolve_smollm2(gguf=tmp_path / "nothere.gguf", cache_root=tmp_path)
+
+
+def test_minilm_grid_scores_onion_with_smollm2_and_runs_rap():
+    from pipeline.matrix import derived_commands, load_grid
+
+    grid = load_grid(Path(__file__).resolve().parents[1] / "launch" / "configs" / "matrix_sst2_minilm.yaml")
+    cells = {(c.method, c.attack): c for c in grid.cells}
+    for attack in ("badnets", "addsent", "stylebkd", "synbkd"):
+        onion, rap = cells[("onion", attack)], cells[("rap", attack)]
+        assert onion.source == rap.source == "vanilla"
+        (command,) = derived_commands(grid, onion, Path("/tmp/x"))
+        assert command[command.index("--defense") + 1] == "onion"
+        assert command[command.index("--lm") + 1] == "smollm2" and command[command.index("--threshold") + 1] == "auto"
+        (command,) = derived_commands(grid, rap, Path("/tmp/x"))
+        assert command[command.index("--defense") + 1] == "rap"
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_onion_and_rap_cells_run_in_a_tiny_grid(smollm2_dir, tmp_path, tiny_llama_dir, tiny_data_root):
+    """A real grid (train.py and defend.py subprocesses) on a tiny Llama: vanilla, then ONION scored by
+    SmolLM2 with its threshold from dev-clean, and RAP."""
+    from pipeline.matrix import cell_dir, load_grid, run_grid
+
+    base = tmp_path / "base.yaml"
+    base.write_text(f"method: vanilla\nmodel: {{name_or_path: {tiny_llama_dir}}}\n"
+                    f"data: {{root: {tiny_data_root}, dataset: toy, max_length: 16, ref_size: 4, max_eval_samples: 6}}\n"
+                    "train: {epochs: 1, max_steps: 2, batch_size: 8, eval_batch_size: 8, device: cpu}\n")
+    grid_file = tmp_path / "grid.yaml"
+    grid_file.write_text(f"base_config: {base}\noutput_root: {tmp_path / 'out'}\nattacks: [badnets]\n"
+                         "methods: [vanilla, onion, rap]\n"
+                         "derived: {onion: {from: vanilla, args: [--lm, smollm2, --threshold, auto, --held-out-samples, '4']},"
+                         " rap: {from: vanilla, args: [--rap-epochs, '2']}}\n")
+    grid = load_grid(grid_file)
+    assert run_grid(grid, jobs=1)["failed"] == 0
+    by = {c.method: c for c in grid.cells}
+    onion = json.loads((cell_dir(grid, by["onion"]) / "metrics.json").read_text())["defense"]
+    assert onion["lm"] == "smollm2" and onion["threshold_rule"] == "auto" and onion["num_held_out"] == 8
+    rap = json.loads((cell_dir(grid, by["rap"]) / "metrics.json").read_text())["defense"]
+    assert rap["defense"] == "rap" and len(rap["loss_history"]) == 2
+    report = (tmp_path / "out" / "REPORT.md").read_text()
+    assert "onion" in report and "rap" in report
