@@ -113,8 +113,10 @@ def _read_manifest(cache: Path) -> dict[str, Any]:
         )
     try:
         manifest = json.loads(manifest_path.read_text())
-        manifest["gguf"]["size"], manifest["gguf"]["sha256"], manifest["files"].items()  # noqa: B018
-    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        if not (isinstance(manifest["gguf"]["size"], int) and isinstance(manifest["gguf"]["sha256"], str)
+                and isinstance(manifest["files"], dict)):
+            raise TypeError("gguf.size, gguf.sha256 or files has the wrong type")
+    except (ValueError, KeyError, TypeError) as error:
         raise SmolLM2CacheError(
             f"{str(manifest_path)!r} is not a valid cache manifest ({error}); {_REBUILD_HINT.format(cache=cache)}"
         ) from error

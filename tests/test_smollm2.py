@@ -142,6 +142,9 @@ def test_cache_without_manifest_is_an_error_not_used(smollm2_dir, tmp_path):
     (cache / smollm2.MANIFEST).unlink()
     with pytest.raises(SmolLM2CacheError, match=r"no manifest\.json.*delete the folder"):
         smollm2.resolve_smollm2(cache_root=tmp_path)
+    (cache / smollm2.MANIFEST).write_text('{"gguf": {"size": "98 MB"}}')  # not what the build writes
+    with pytest.raises(SmolLM2CacheError, match=r"manifest\.json' is not a valid cache manifest.*delete the folder"):
+        smollm2.resolve_smollm2(cache_root=tmp_path)
 
 
 def test_truncated_gguf_is_an_error_and_leaves_no_cache(tmp_path):
