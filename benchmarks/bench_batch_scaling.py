@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "kernels")]  # run from a checkout: pipeline, mslr_kernels
 
 from pipeline import modeling  # noqa: E402
 from pipeline.adapters import inject  # noqa: E402

@@ -59,7 +59,8 @@ def run_cell(out: Path, method: str, layout: str, args: argparse.Namespace) -> d
             f"train.batch_size={args.batch_size}", f"train.num_threads={threads}", f"data.max_length={args.max_length}",
             f"data.max_eval_samples={args.eval_samples}", f"data.attack={args.attack}", *args.overrides,
         ]
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO)}
+        checkout = os.pathsep.join([str(REPO), str(REPO / "kernels")])  # pipeline, mslr_kernels
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": checkout}
         train = str(REPO / "launch" / "train.py")
         if ranks == 1 and preset is None:
             command = [sys.executable, train]
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--llama-shape: {args.llama_shape!r} is not HIDDENxLAYERS, e.g. 512x8")
         checkpoint = args.out / f"llama_{hidden}x{layers}"
         if not (checkpoint / "config.json").exists():
-            sys.path.insert(0, str(REPO))
+            sys.path[:0] = [str(REPO), str(REPO / "kernels")]
             from pipeline.testing import build_tiny_checkpoint
 
             build_tiny_checkpoint("llama", checkpoint, shape={

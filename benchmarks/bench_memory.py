@@ -112,7 +112,8 @@ def build_checkpoint(model: dict[str, int] | None, directory: Path) -> Path:
 
 def run_worker(spec: dict[str, Any], *, threads: int = 1, timeout: float = 600) -> dict[str, Any]:
     """Run one configuration in a fresh subprocess and return its JSON result."""
-    env = {**os.environ, **MALLOC_ENV, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO)}
+    checkout = os.pathsep.join([str(REPO), str(REPO / "kernels")])  # pipeline, mslr_kernels
+    env = {**os.environ, **MALLOC_ENV, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": checkout}
     command = [sys.executable, str(Path(__file__).resolve()), "worker", json.dumps(spec)]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, check=False)
     if done.returncode != 0:

@@ -49,7 +49,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "kernels")]  # run from a checkout: pipeline, mslr_kernels
 
 from mslr_kernels.mslr import fold_scales, mslr_linear, mslr_reference  # noqa: E402
 from pipeline.memory import measure_peak  # noqa: E402

@@ -40,8 +40,9 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # allow running from a checkout without installing
-    sys.path.insert(0, str(REPO))
+for _path in (REPO, REPO / "kernels"):  # run from a checkout without installing (kernels/ holds mslr_kernels)
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
 from launch._cli import (  # noqa: E402
     emit_json,
@@ -116,6 +117,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      help="wanted upper bound of that drop (default: 0.3, the paper's)")
     rap.add_argument("--rap-lr", type=float, default=1e-2, help="gradient-descent step on the word embedding (default: 0.01)")
     rap.add_argument("--rap-epochs", type=positive_int, default=5, help="passes over the held-out target-class rows (default: 5)")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="allow a run whose config.yaml sets model.trust_remote_code: true to run the model's own "
+                             "Python code (refused by default: a run folder is data)")
     args = parser.parse_args(argv)
     if args.defense == "onion" and args.lm is None:
         parser.error("--defense onion needs --lm PATH, the directory of a local causal language model (e.g. GPT-2)")
@@ -154,7 +158,7 @@ def defend_run(args: argparse.Namespace) -> dict[str, Any]:
 
     logger = logging.getLogger("launch.defend")
     device = resolve_device(args.device)
-    cfg, tokenizer, model = load_run(args.run_dir, device)
+    cfg, tokenizer, model = load_run(args.run_dir, device, trust_remote_code=args.trust_remote_code)
     root = args.data_root if args.data_root is not None else Path(cfg.data.root)
     num_labels, target = cfg.model.num_labels, cfg.data.target_label
     count = cfg.data.max_eval_samples if args.max_eval_samples is None else (

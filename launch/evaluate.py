@@ -22,8 +22,9 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # allow running from a checkout without installing
-    sys.path.insert(0, str(REPO))
+for _path in (REPO, REPO / "kernels"):  # run from a checkout without installing (kernels/ holds mslr_kernels)
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
 from launch._cli import emit_json, positive_int, sample_count, setup_logging  # noqa: E402
 
@@ -45,6 +46,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="evaluation batch size (default: the run's train.eval_batch_size; another value may "
                              "change predictions by rounding)")
     parser.add_argument("--out", type=Path, default=None, metavar="FILE", help="also write the JSON to FILE (atomically)")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="allow a run whose config.yaml sets model.trust_remote_code: true to run the model's own "
+                             "Python code (refused by default: a run folder is data)")
     parser.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                         help="log level on stderr (default: WARNING)")
     return parser.parse_args(argv)
@@ -69,8 +73,9 @@ def main(argv: list[str] | None = None) -> int:
             device=args.device,
             batch_size=args.batch_size,
             progress=sys.stderr.isatty(),
+            trust_remote_code=args.trust_remote_code,
         )
-    except (EvaluationError, DataError, ConfigError) as err:
+    except (EvaluationError, DataError, ConfigError, FileNotFoundError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return emit_json(result, args.out)

@@ -33,8 +33,9 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # allow running from a checkout without installing
-    sys.path.insert(0, str(REPO))
+for _path in (REPO, REPO / "kernels"):  # run from a checkout without installing (kernels/ holds mslr_kernels)
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
 from launch._cli import fraction_up_to_one, positive_int, setup_logging  # noqa: E402
 
@@ -69,6 +70,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     cube.add_argument("--noise", choices=["group", "keep"], default="group", help="HDBSCAN noise: one more group (reference) or always kept")
     cube.add_argument("--drop-share", type=fraction_up_to_one, default=0.5, help="remove minority groups below this share of their label (default: 0.5)")
     cube.add_argument("--seed", type=int, default=None, help="seed of the reduction (default: the run's seed)")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="allow a run whose config.yaml sets model.trust_remote_code: true to run the model's own "
+                             "Python code (refused by default: a run folder is data)")
     args = parser.parse_args(argv)
     if args.method == "cube" and args.reducer == "tsne" and args.reduce_to > 3:
         parser.error(f"--reduce-to {args.reduce_to} needs --reducer pca (t-SNE embeds into at most 3 dimensions)")
@@ -210,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         device = select_device(args.device)
-        cfg, tokenizer, model = load_run(args.run_dir, device)
+        cfg, tokenizer, model = load_run(args.run_dir, device, trust_remote_code=args.trust_remote_code)
         report = filter_run_data(cfg, tokenizer, model, args, device)
     except (ConfigError, ValueError, FileNotFoundError, FileExistsError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -19,8 +19,9 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # allow running from a checkout without installing
-    sys.path.insert(0, str(REPO))
+for _path in (REPO, REPO / "kernels"):  # run from a checkout without installing (kernels/ holds mslr_kernels)
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
 from launch._cli import setup_logging  # noqa: E402
 from pipeline.attacks import (  # noqa: E402

@@ -4,6 +4,7 @@
     python launch/matrix.py --config GRID --report-only      # rebuild results.csv / REPORT.md / plots
     python launch/matrix.py --config GRID --list             # cells and their state
 
+Every cell's run config is validated before the first cell starts (--list marks bad ones "invalid").
 Resumable: finished cells (metrics.json) are skipped, interrupted ones resume from their checkpoint.
 Each cell is a separate launch/train.py process; its output goes to <output_root>/logs/.
 Finished cells whose settings the grid or base config has changed since are refused (nothing runs)
@@ -17,12 +18,13 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+for _path in (REPO, REPO / "kernels"):  # run from a checkout without installing (kernels/ holds mslr_kernels)
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
 from launch._cli import setup_logging  # noqa: E402
 from pipeline.config import ConfigError  # noqa: E402
-from pipeline.matrix import cell_status, load_grid, run_grid, settings_changes, write_outputs  # noqa: E402
+from pipeline.matrix import cell_problems, cell_status, load_grid, run_grid, settings_changes, write_outputs  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,11 +45,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if args.list:
+        invalid = 0
         for cell in grid.cells:
-            state = cell_status(grid, cell)
+            problems = cell_problems(grid, cell)
+            state = "invalid" if problems else cell_status(grid, cell)
             changes = f"  [changed: {'; '.join(settings_changes(grid, cell))}]" if state == "changed" else ""
-            print(f"{state:<10} {cell.key}  {' '.join(cell.overrides)}{changes}")
-        return 0
+            why = f"  [invalid: {'; '.join(problems)}]" if problems else ""
+            print(f"{state:<10} {cell.key}  {' '.join(cell.overrides)}{changes}{why}")
+            invalid += bool(problems)
+        return 2 if invalid else 0
     if args.report_only:
         rows = write_outputs(grid)
         print(f"{len(rows)} finished cells -> {grid.output_root / 'REPORT.md'}")

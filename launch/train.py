@@ -26,8 +26,9 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # allow running from a checkout without installing
-    sys.path.insert(0, str(REPO))
+for _path in (REPO, REPO / "kernels"):  # run from a checkout without installing (kernels/ holds mslr_kernels)
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
 from launch._cli import positive_int, setup_logging  # noqa: E402
 from pipeline.config import ConfigError, config_to_dict, describe_keys, load_config  # noqa: E402
@@ -60,6 +61,15 @@ def _accelerate_deepspeed_config() -> Path | None:
             "(e.g. ds_configs/zero2.json; see launch/configs/accelerate_zero2.yaml) or pass --deepspeed"
         ])
     return Path(path)
+
+
+def _quiet_library_progress_bars() -> None:
+    """On ranks other than 0: no model-loading or tokenisation progress bars (rank 0 draws them once)."""
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    datasets.disable_progress_bars()
+    hf_logging.disable_progress_bar()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -122,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from pipeline.training import run_training  # heavy imports only when training
 
+    if os.environ.get("RANK", "0") != "0":
+        _quiet_library_progress_bars()
+
     try:
         metrics = run_training(cfg, deepspeed_config=args.deepspeed)
     except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as err:
@@ -135,6 +148,13 @@ def main(argv: list[str] | None = None) -> int:
         f"(clean false-positive rate {metrics['clean_fpr']:.2f}%, best epoch {metrics['best_epoch']})\n"
         f"outputs: {Path(cfg.output_dir).resolve()}  (metrics.json, log.jsonl, train.log, adapter/)"
     )
+    canary = metrics.get("canary", {})
+    if canary.get("enabled"):
+        print(canary["message"])
+        if not canary["selected_epoch_qualified"]:
+            print(f"WARNING: {metrics['selection_rule']}")
+    else:
+        print("canary: off (canary.enabled=false); the run cannot say whether the defence held")
     return 0
 
 

@@ -16,7 +16,17 @@ A training checkpoint is a directory, built under ``<name>.tmp-<pid>`` and renam
 ``.pt`` files hold only tensors and plain Python values and are read with
 ``torch.load(weights_only=True)``, which executes no pickled code. An older checkpoint of the same
 name is renamed to ``<name>.old-<pid>``, the new one renamed in, and the old one deleted; a crash
-between the two renames leaves the old checkpoint complete under ``<name>.old-<pid>``.
+between the two renames leaves the old checkpoint complete under ``<name>.old-<pid>``:
+:func:`recover_checkpoint` renames it back before a resume, and :func:`remove_stale_siblings` deletes
+such leftovers (and ``<name>.tmp-*`` staging folders of killed saves) once a newer complete checkpoint
+is in place.
+
+A damaged file (truncated safetensors, a torch file that is not a valid or not a weights-only pickle,
+unreadable JSON) raises :class:`CorruptFileError`, whose message names the file, what is wrong and
+what to do.
+
+A run folder (``run_training``'s ``output_dir``) is replaced only when :func:`foreign_entries` finds
+nothing in it that a run does not write, and :func:`remove_run_folder` never follows a link.
 """
 
 from __future__ import annotations
@@ -47,6 +57,59 @@ RANKS_FILE = "ranks.pt"
 COMPLETE_MARKER = "COMPLETE"
 CHECKPOINT_FORMAT_VERSION = 1
 _CHECKPOINT_FILES = (TRAINABLE_FILE, OPTIMIZER_FILE, RNG_FILE, PROGRESS_FILE)
+
+
+class CorruptFileError(ValueError):
+    """A checkpoint or weights file exists but cannot be read (truncated, damaged or refused)."""
+
+
+class NotARunFolderError(OSError):
+    """A folder that was to be replaced is not recognisably a run folder of this pipeline."""
+
+
+RUN_FOLDER_MARKERS = ("config.yaml", "train.log", "log.jsonl", "checkpoints", "metrics.json")
+"""A folder holding one of these is (part of) a run folder of this pipeline."""
+RUN_FOLDER_ENTRIES = frozenset({
+    *RUN_FOLDER_MARKERS, "adapter", "tensorboard", "frequency.json", "frequency_cache", "fourier", "cell.json",
+})
+"""Everything run_training (and launch/fourier.py, launch/matrix.py) writes into a run folder."""
+
+
+def foreign_entries(output_dir: Path) -> list[str]:
+    """Why ``output_dir`` is not recognisably a run folder of this pipeline (empty: it is one, or empty).
+
+    A run folder holds at least one of :data:`RUN_FOLDER_MARKERS` and nothing but
+    :data:`RUN_FOLDER_ENTRIES` and hidden ``*.tmp`` files of interrupted atomic writes.
+    """
+    if output_dir.is_symlink():
+        return [f"{output_dir} is a symbolic link (to {os.readlink(output_dir)}); nothing is deleted through a link"]
+    if not output_dir.is_dir():
+        return [f"{output_dir} is not a directory"]
+    names = sorted(p.name for p in output_dir.iterdir())
+    if not names:
+        return []
+    problems = [f"{name!r} is not written by a run" for name in names
+                if name not in RUN_FOLDER_ENTRIES and not (name.startswith(".") and name.endswith(".tmp"))]
+    if not any(name in RUN_FOLDER_MARKERS for name in names):
+        problems.append(f"it holds none of {list(RUN_FOLDER_MARKERS)}")
+    return problems
+
+
+def remove_run_folder(output_dir: Path) -> None:
+    """Delete a run folder's contents (after :func:`foreign_entries` found nothing foreign); symbolic links
+    inside are unlinked, never followed.
+
+    Raises:
+        NotARunFolderError: ``output_dir`` is a link, or holds something a run does not write.
+    """
+    problems = foreign_entries(output_dir)
+    if problems:
+        raise NotARunFolderError(f"refusing to delete {output_dir}: {'; '.join(problems)}")
+    for entry in output_dir.iterdir():
+        if entry.is_symlink() or not entry.is_dir():
+            entry.unlink()
+        else:
+            shutil.rmtree(entry)
 
 
 def fsync_directory(directory: Path) -> None:
@@ -166,10 +229,54 @@ def load_tensors(path: str | os.PathLike[str], *, device: str = "cpu") -> dict[s
 
     Raises:
         FileNotFoundError: If ``path`` does not exist.
+        CorruptFileError: If the file is not a readable safetensors file (truncated or damaged).
     """
     if not Path(path).is_file():
         raise FileNotFoundError(f"load_tensors: no safetensors file at {path}")
-    return safetensors.torch.load_file(path, device=device)
+    try:
+        return safetensors.torch.load_file(path, device=device)
+    except Exception as error:  # SafetensorError derives from Exception only
+        raise CorruptFileError(
+            f"{path} is not a readable safetensors file ({error}); it is truncated or damaged: restore it "
+            "from a copy or produce it again"
+        ) from error
+
+
+def load_torch_file(path: str | os.PathLike[str], *, map_location: str = "cpu", what: str = "checkpoint") -> Any:
+    """``torch.load(path, weights_only=True)`` with one clear error for a damaged or refused file.
+
+    Args:
+        path: A file written by ``torch.save`` of tensors and plain Python values.
+        map_location: Device for the loaded tensors.
+        what: What the file is, for the error message (for example ``"checkpoint"``).
+
+    Returns:
+        The loaded object.
+
+    Raises:
+        FileNotFoundError: If ``path`` does not exist.
+        CorruptFileError: If the file is truncated, not a torch file, or holds objects other than
+            tensors and plain values (which ``weights_only=True`` refuses: they could run code).
+    """
+    import pickle
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no {what} file at {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CorruptFileError(
+            f"{path}: refused to load this {what} file: it holds objects other than tensors and plain values "
+            f"(torch.load weights_only=True: {first}), or it is damaged; loading it could run code. Use a "
+            "file written by this pipeline, or start the run again"
+        ) from error
+    except (RuntimeError, EOFError, ValueError, OSError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CorruptFileError(
+            f"{path} is not a readable {what} file ({first}); it is truncated or damaged: restore it, resume "
+            "from an earlier checkpoint, or start the run again"
+        ) from error
 
 
 def read_tensor_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
@@ -414,6 +521,7 @@ def save_training_state(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    remove_stale_siblings(directory)
     logger.info("saved training state to %s", directory)
 
 
@@ -438,7 +546,8 @@ def load_training_state(
     directory = Path(directory)
     if not directory.is_dir():
         retired = sorted(str(p) for p in directory.parent.glob(f"{directory.name}.old-*"))
-        hint = f"; a previous checkpoint was left at {retired} by an interrupted save" if retired else ""
+        hint = (f"; a previous checkpoint was left at {retired} by an interrupted save (recover_checkpoint "
+                "renames it back)") if retired else ""
         raise FileNotFoundError(f"load_training_state: no checkpoint directory at {directory}{hint}")
     marker = directory / COMPLETE_MARKER
     if not marker.is_file():
@@ -456,17 +565,92 @@ def load_training_state(
     missing = [name for name in marker_record.get("files", _CHECKPOINT_FILES) if not (directory / name).is_file()]
     if missing:
         raise FileNotFoundError(f"load_training_state: {directory} lacks {missing}")
-    optimizer_and_scheduler = torch.load(
-        directory / OPTIMIZER_FILE, map_location=map_location, weights_only=True
-    )
+    optimizer_and_scheduler = load_torch_file(directory / OPTIMIZER_FILE, map_location=map_location, what="optimizer state")
+    if not isinstance(optimizer_and_scheduler, dict) or set(optimizer_and_scheduler) != {"optimizer", "scheduler"}:
+        raise CorruptFileError(
+            f"{directory / OPTIMIZER_FILE} does not hold the {{'optimizer', 'scheduler'}} record this pipeline "
+            "writes; restore it or start the run again"
+        )
+    progress_path = directory / PROGRESS_FILE
+    try:
+        progress = json.loads(progress_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CorruptFileError(f"{progress_path} is not valid JSON ({error}); restore it or start the run again") from error
     return TrainingState(
         trainable=load_tensors(directory / TRAINABLE_FILE, device=map_location),
         optimizer_state=optimizer_and_scheduler["optimizer"],
         scheduler_state=optimizer_and_scheduler["scheduler"],
-        progress=json.loads((directory / PROGRESS_FILE).read_text(encoding="utf-8")),
-        rng=torch.load(directory / RNG_FILE, map_location="cpu", weights_only=True),
+        progress=progress,
+        rng=load_torch_file(directory / RNG_FILE, what="random generator state"),
         rank_states=(
-            torch.load(directory / RANKS_FILE, map_location=map_location, weights_only=True)
+            load_torch_file(directory / RANKS_FILE, map_location=map_location, what="per-rank state")
             if RANKS_FILE in marker_record.get("files", ()) else None
         ),
     )
+
+
+def _complete(directory: Path) -> bool:
+    return directory.is_dir() and not directory.is_symlink() and (directory / COMPLETE_MARKER).is_file()
+
+
+def recover_checkpoint(directory: str | os.PathLike[str]) -> Path | None:
+    """Put back a checkpoint that a save killed between its two renames left as ``<name>.old-<pid>``.
+
+    :func:`replace_directory` retires the previous checkpoint to ``<name>.old-<pid>`` before it renames
+    the new one in; a kill in between leaves ``<name>`` missing (or without its COMPLETE marker) and the
+    previous checkpoint intact under the retired name. This renames the newest complete retired copy
+    back to ``<name>``.
+
+    Args:
+        directory: The checkpoint directory (for example ``<output_dir>/checkpoints/last``).
+
+    Returns:
+        The retired folder that was renamed back, or None when ``directory`` is complete already or no
+        complete retired copy exists.
+    """
+    directory = Path(directory)
+    if _complete(directory) or not directory.parent.is_dir():
+        return None
+    retired = [p for p in directory.parent.glob(f"{directory.name}.old-*") if _complete(p)]
+    if not retired:
+        return None
+    newest = max(retired, key=lambda p: json.loads((p / PROGRESS_FILE).read_text()).get("global_step", -1)
+                 if (p / PROGRESS_FILE).is_file() else -1)
+    if directory.exists() or directory.is_symlink():
+        # An incomplete folder of the same name (no COMPLETE marker): a save that never finished.
+        aside = directory.with_name(f"{directory.name}.tmp-incomplete-{os.getpid()}")
+        os.rename(directory, aside)
+    os.rename(newest, directory)
+    fsync_directory(directory.parent)
+    logger.warning("recovered checkpoint %s from %s, left by a save that was interrupted", directory, newest.name)
+    return newest
+
+
+def remove_stale_siblings(directory: str | os.PathLike[str]) -> list[Path]:
+    """Delete what killed saves left beside a complete checkpoint ``directory``.
+
+    Removes ``<name>.old-*`` and ``<name>.tmp-*`` folders next to it and ``.*.tmp`` files (interrupted
+    atomic writes) in its parent folder. Does nothing unless ``directory`` itself is complete, so the
+    only intact copy is never deleted. Symbolic links are unlinked, never followed.
+
+    Args:
+        directory: A complete checkpoint directory.
+
+    Returns:
+        The paths removed.
+    """
+    directory = Path(directory)
+    if not _complete(directory):
+        return []
+    removed = []
+    parent = directory.parent
+    stale = [*parent.glob(f"{directory.name}.old-*"), *parent.glob(f"{directory.name}.tmp-*"), *parent.glob(".*.tmp")]
+    for path in stale:
+        if path.is_symlink() or path.is_file():
+            path.unlink(missing_ok=True)
+        elif path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    if removed:
+        logger.info("removed %d leftover(s) of interrupted saves next to %s", len(removed), directory)
+    return removed

@@ -1,7 +1,8 @@
 """Typed run configuration for MuScleLoRA (Wu et al., ACL 2024, arXiv 2402.12026).
 
-A run is one frozen :class:`RunConfig` made of seven frozen sections (``model``, ``data``, ``lora``,
-``mslr``, ``align``, ``train``, ``analysis``). The knobs map onto the method as follows.
+A run is one frozen :class:`RunConfig` made of frozen sections (``model``, ``data``, ``lora``,
+``mslr``, ``align``, ``train``, the baselines' ``adapter``, ``prompt``, ``prefix``, ``analysis`` and the
+planted positive control ``canary``). The knobs map onto the method as follows.
 
 LoRA on the frozen backbone (``lora.*``), on every module named in ``lora.target_modules``::
 
@@ -398,6 +399,12 @@ class AlignConfig(_Validated):
         None, "auto (1 encoders, 0 decoders): first epoch (from 0) of the mixed branch",
         check=_bounds(ge=0), auto=True,
     )
+    ref_sampling: Literal["fresh", "passes"] = _field(
+        "fresh",
+        "reference batch of each step: fresh = the first batch of a new shuffle of the reference set "
+        "every step (the authors' loader, restarted per step); passes = consecutive steps walk through "
+        "reshuffled passes, each reference row once per pass",
+    )
 
 
 @dataclass(frozen=True)
@@ -420,7 +427,19 @@ class TrainConfig(_Validated):
         check=_bounds(gt=0),
     )
     lr: float | None = _field(
-        None, "auto (2e-5 encoders, 1e-5 decoders): peak AdamW learning rate, linear decay",
+        None,
+        "auto: train.lr_full_finetune for the full fine-tuning methods (vanilla, ga), train.lr_adapters for "
+        "every other method; a value here applies to every method: peak AdamW learning rate, linear decay",
+        check=_bounds(gt=0), auto=True,
+    )
+    lr_full_finetune: float | None = _field(
+        None, "auto (2e-5 encoders, 1e-5 decoders, the authors'): train.lr of vanilla and ga when train.lr is auto",
+        check=_bounds(gt=0), auto=True,
+    )
+    lr_adapters: float | None = _field(
+        None,
+        "auto (2e-5 encoders, 1e-5 decoders, the authors'): train.lr of the adapter methods (lora, musclelora, "
+        "adapter, prompt, prefix, ...) when train.lr is auto",
         check=_bounds(gt=0), auto=True,
     )
     weight_decay: float = _field(0.0, "AdamW weight decay", check=_bounds(ge=0))
@@ -499,6 +518,42 @@ class AnalysisConfig(_Validated):
 
 
 @dataclass(frozen=True)
+class CanaryConfig(_Validated):
+    """A secret synthetic backdoor planted by the pipeline itself, the positive control (pipeline/canary.py)."""
+
+    _prefix: ClassVar[str] = "canary."
+
+    enabled: bool = _field(
+        True,
+        "plant the canary: a share of training rows gets a fresh random nonsense trigger and the canary's "
+        "target label; its ASR on triggered selection rows picks the epoch and tells whether the defence held",
+    )
+    rate: float = _field(
+        0.02, "share of all training rows planted (drawn among rows whose label is not the canary target)",
+        check=_bounds(gt=0, lt=0.5),
+    )
+    num_tokens: int = _field(
+        3, "nonsense words in the trigger, each inserted once at a uniform word position", check=_bounds(gt=0, le=16),
+    )
+    token_length: int = _field(
+        6, "letters per nonsense word (consonants only, so never an English word nor a known trigger)",
+        check=_bounds(ge=4, le=32),
+    )
+    target_label: int | None = _field(
+        None, "auto (drawn with the canary seed): the label the planted rows are relabelled to", check=_bounds(ge=0),
+        auto=True,
+    )
+    tolerance: float = _field(
+        0.05,
+        "an epoch qualifies for selection when canary ASR minus its clean floor is at most this (fraction)",
+        check=_bounds(ge=0, le=1),
+    )
+    seed: int | None = _field(
+        None, "seed of the trigger, target and planted rows (null: the run's seed)", check=_bounds(ge=0, lt=2**32),
+    )
+
+
+@dataclass(frozen=True)
 class RunConfig(_Validated):
     """One training run: method, output folder and the six sections."""
 
@@ -529,6 +584,7 @@ class RunConfig(_Validated):
     prompt: PromptConfig = _section(PromptConfig, "soft-prompt tuning baseline")
     prefix: PrefixConfig = _section(PrefixConfig, "prefix-tuning baseline")
     analysis: AnalysisConfig = _section(AnalysisConfig, "optional analyses")
+    canary: CanaryConfig = _section(CanaryConfig, "planted positive-control backdoor")
 
     def _cross_problems(self, values: Mapping[str, Any], bad_keys: set[str]) -> list[_Problem]:
         sections = {
@@ -550,6 +606,7 @@ _SECTIONS: dict[str, type] = {
     "prompt": PromptConfig,
     "prefix": PrefixConfig,
     "analysis": AnalysisConfig,
+    "canary": CanaryConfig,
 }
 _TOP_KEYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(RunConfig) if f.name not in _SECTIONS)
 
@@ -572,6 +629,17 @@ def _cross_problems(
                     f"must be below model.num_labels ({model['num_labels']})",
                     "lower data.target_label or raise model.num_labels",
                     data["target_label"],
+                )
+            )
+    canary = sections.get("canary")
+    if model is not None and canary is not None and canary["target_label"] is not None:
+        if not {"model.num_labels", "canary.target_label"} & bad_keys and canary["target_label"] >= model["num_labels"]:
+            problems.append(
+                _Problem(
+                    "canary.target_label",
+                    f"must be below model.num_labels ({model['num_labels']})",
+                    "lower canary.target_label, or leave it null to draw it",
+                    canary["target_label"],
                 )
             )
     if not {"resume", "overwrite"} & bad_keys and top.get("resume") is True and top.get("overwrite") is True:
@@ -1037,14 +1105,14 @@ _FAMILY_DEFAULTS: dict[bool, dict[str, dict[str, Any]]] = {
         "lora": {"r": 8, "alpha": 32.0},
         "mslr": {"alpha": 6.0},
         "align": {"min_ref_loss": 0.4, "max_raw_ratio": 0.1, "start_epoch": 1},
-        "train": {"epochs": 10, "batch_size": 32, "lr": 2e-5},
+        "train": {"epochs": 10, "batch_size": 32, "lr_full_finetune": 2e-5, "lr_adapters": 2e-5},
     },
     True: {
         "data": {"max_length": 4096, "ref_size": 128},
         "lora": {"r": 2, "alpha": 8.0},
         "mslr": {"alpha": 4.0},
         "align": {"min_ref_loss": 0.0, "max_raw_ratio": 0.0, "start_epoch": 0},
-        "train": {"epochs": 5, "batch_size": 16, "lr": 1e-5},
+        "train": {"epochs": 5, "batch_size": 16, "lr_full_finetune": 1e-5, "lr_adapters": 1e-5},
     },
 }
 """Keyed by ``is_decoder``: the authors' encoder (BERT/RoBERTa) and decoder-LLM settings."""
@@ -1075,7 +1143,10 @@ _DECODER_SCALES = (1.0, 2.0, 3.0, 4.0)
 def resolve_defaults(cfg: RunConfig, *, model_type: str, hidden_size: int, is_decoder: bool) -> RunConfig:
     """Fills every "auto" (None) field from the backbone family; fields already set are kept.
 
-    Also resolves ``data.setting="auto"`` (badnets -> clean, other attacks -> mix). Calling it again on
+    ``train.lr`` left auto becomes ``train.lr_full_finetune`` for the full fine-tuning methods (vanilla,
+    ga) and ``train.lr_adapters`` for every other method. Also resolves ``data.setting="auto"``
+    (badnets -> clean, other attacks -> mix), ``canary.seed`` (the run's seed) and ``canary.target_label``
+    (drawn with the canary seed, :func:`pipeline.canary.draw_target_label`). Calling it again on
     its result changes nothing.
 
     Args:
@@ -1103,6 +1174,18 @@ def resolve_defaults(cfg: RunConfig, *, model_type: str, hidden_size: int, is_de
     for section, values in _FAMILY_DEFAULTS[bool(is_decoder)].items():
         current = getattr(cfg, section)
         updates[section].update({k: v for k, v in values.items() if getattr(current, k) is None})
+    if cfg.train.lr is None:
+        # Each method family its own learning rate: full fine-tuning moves every backbone weight and
+        # wants the authors' small lr; adapters start from zero (or random) and may need a larger one.
+        family_lr = "lr_full_finetune" if trains_backbone(cfg.method) else "lr_adapters"
+        updates["train"]["lr"] = updates["train"].get(family_lr, getattr(cfg.train, family_lr))
+    if cfg.canary.seed is None:
+        updates["canary"]["seed"] = cfg.seed
+    if cfg.canary.target_label is None:
+        from pipeline.canary import draw_target_label
+
+        canary_seed = updates["canary"].get("seed", cfg.canary.seed)
+        updates["canary"]["target_label"] = draw_target_label(canary_seed, cfg.model.num_labels)
     if cfg.data.setting == "auto":
         updates["data"]["setting"] = "clean" if cfg.data.attack == "badnets" else "mix"
 

@@ -29,6 +29,11 @@ then runs identically everywhere and each rank writes its own part of the aligne
 (``deepspeed.utils.safe_set_full_grad``: no communication). Methods without alignment add at most
 one scalar all-reduce per step (the non-finite check). :class:`Engine` counts the collectives it
 issues in ``collectives``.
+
+Ranks are global (``RANK``): rank 0 writes every file, including each rank's optimizer partition
+and RNG state gathered into the checkpoint; ``LOCAL_RANK`` only picks the GPU on a node. Every rank
+reads the checkpoint back, so on several nodes ``output_dir`` must be one shared folder, which
+:func:`check_shared_directory` verifies at start.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ import math
 import os
 import socket
 import time
+import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +59,9 @@ from pipeline.config import ConfigError
 logger = logging.getLogger(__name__)
 
 Backend = Literal["single", "ddp", "deepspeed"]
+
+# How long a rank waits to see rank 0's file in output_dir (check_shared_directory).
+_SHARED_CHECK_ENV = "MUSCLELORA_SHARED_CHECK_SECONDS"
 
 # Keys of a DeepSpeed config that the run config owns (filled in by fill_deepspeed_config).
 _OWNED_TOP_LEVEL = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping")
@@ -106,6 +115,12 @@ def init_runtime(*, use_deepspeed: bool, device: torch.device) -> Runtime:
     if device.type == "cuda":
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
+    if "MASTER_ADDR" not in os.environ and world_size > 1:
+        raise ConfigError([
+            f"WORLD_SIZE={world_size} but MASTER_ADDR is not set: start every node with a launcher (torchrun, "
+            "deepspeed, accelerate launch; README 'Several GPUs or nodes') or set MASTER_ADDR and MASTER_PORT "
+            "to rank 0's host and a free port there"
+        ])
     if "MASTER_ADDR" not in os.environ:
         # One process started without a launcher: give torch.distributed a one-rank rendezvous
         # (DeepSpeed would otherwise try MPI discovery).
@@ -151,6 +166,103 @@ def gather_objects(runtime: Runtime, value: Any) -> list[Any] | None:
     out: list[Any] | None = [None] * runtime.world_size if runtime.is_main else None
     torch.distributed.gather_object(value, out, dst=0)
     return out
+
+
+def _shared_check_seconds() -> float:
+    """How long a rank waits for rank 0's probe file (``MUSCLELORA_SHARED_CHECK_SECONDS``, default 30).
+
+    Network file systems may show a new file on another node only after their attribute cache
+    expires (NFS: ``acdirmin``, 30 s by default), so a rank that does not see it at once keeps looking.
+    """
+    text = os.environ.get(_SHARED_CHECK_ENV, "30")
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise ConfigError([f"{_SHARED_CHECK_ENV}={text!r}: expected a number of seconds, e.g. 30"]) from None
+    if not seconds >= 0:
+        raise ConfigError([f"{_SHARED_CHECK_ENV}={text!r}: expected a number of seconds >= 0"])
+    return seconds
+
+
+def _sees_token(path: Path, token: str, wait_seconds: float) -> bool:
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        try:
+            os.listdir(path.parent)  # refreshes a network file system's cached view of the folder
+            if path.read_text(encoding="utf-8") == token:
+                return True
+        except OSError:
+            pass
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.5)
+
+
+def _remove_empty(folders: Sequence[Path]) -> None:
+    """Remove folders (deepest first) while they are empty; a folder with anything in it stays."""
+    for path in folders:
+        with contextlib.suppress(OSError):
+            path.rmdir()
+
+
+def check_shared_directory(runtime: Runtime, directory: Path) -> None:
+    """Refuse a multi-rank run whose ``directory`` is not the same folder on every rank.
+
+    Only rank 0 writes the run's files (checkpoints hold every rank's optimizer partition and RNG
+    state, gathered to rank 0), but every rank reads them back: the checkpoint on resume and the
+    best epoch's weights before the final evaluation. Nodes without a common file system would
+    each see their own ``output_dir`` and fail late, after training. So rank 0 writes a file with a
+    fresh random token into ``directory`` (creating it), every rank reads it back, and the run stops
+    on every rank when one rank does not see it. Rank 0 removes the file and the folders it created
+    for the check, so a run refused later for another reason leaves nothing behind. A no-op for one
+    process.
+
+    Args:
+        runtime: this process's place in the job; every rank must call this (it holds collectives).
+        directory: the run's ``output_dir`` as this rank resolves it.
+
+    Raises:
+        ConfigError: on every rank, naming the ranks and hosts that do not see rank 0's file.
+    """
+    if not runtime.distributed or runtime.world_size == 1:
+        return
+    wait_seconds = _shared_check_seconds()
+    token = broadcast_object(runtime, uuid.uuid4().hex if runtime.is_main else None)
+    probe = directory / f".shared-check-{token}"
+    created: list[Path] = []
+    failure = None
+    if runtime.is_main:
+        created = [p for p in (directory, *directory.parents) if not p.exists()]
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            with open(probe, "w", encoding="utf-8") as handle:
+                handle.write(token)
+                handle.flush()
+                os.fsync(handle.fileno())
+        except OSError as error:
+            _remove_empty(created)
+            failure = f"output_dir={directory}: rank 0 cannot write there ({error}); choose a writable output_dir"
+    failure = broadcast_object(runtime, failure)  # also the barrier: the file is written before anyone looks
+    if failure is not None:
+        raise ConfigError([failure])
+    seen = _sees_token(probe, token, 0.0 if runtime.is_main else wait_seconds)
+    reports = gather_objects(runtime, (runtime.rank, socket.gethostname(), str(directory.absolute()), seen))
+    problem = None
+    if runtime.is_main:
+        probe.unlink(missing_ok=True)
+        _remove_empty(created)  # the run creates output_dir itself once everything is validated
+        blind = [report for report in reports if not report[3]]
+        if blind:
+            where = "; ".join(f"rank {rank} on host {host} looks in {path}" for rank, host, path, _ in blind)
+            problem = (
+                f"output_dir={directory}: not shared between the ranks ({where}; not seeing the file rank 0 wrote "
+                f"in {directory.absolute()} on host {socket.gethostname()}). Rank 0 writes checkpoints and "
+                "adapters there and every rank reads them back (resume, best epoch): put output_dir on a file "
+                "system every node mounts at the same path (NFS, Lustre, a shared volume), as an absolute path"
+            )
+    problem = broadcast_object(runtime, problem)
+    if problem is not None:
+        raise ConfigError([problem])
 
 
 def shard_rows(rows: Sequence[int], rank: int, world_size: int) -> list[int]:

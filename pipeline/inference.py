@@ -24,6 +24,10 @@ minus the run's reference rows, and dev-poison). Every split is subsampled with 
 run and the ``test`` CACC / ASR equal ``metrics.json`` exactly; the ``dev`` clean accuracy equals its
 ``dev_clean_acc`` (the best epoch's, whose weights were saved). Another batch size pads batches
 differently, which can move logits by rounding error. Percentages as in ``metrics.json``.
+
+A run directory is data (users download and share them): rebuilding one never runs code shipped with
+a model. A saved ``model.trust_remote_code: true`` is refused unless the caller passes
+``trust_remote_code=True`` (the launchers' ``--trust-remote-code``).
 """
 
 from __future__ import annotations
@@ -152,9 +156,25 @@ def read_run_config(path: str | Path) -> RunConfig:
     return config_from_dict(raw if raw is not None else {}, source=str(path))
 
 
-def _resolved_config(files: RunFiles) -> tuple[RunConfig, modeling.ModelInfo, Path]:
+def check_remote_code(cfg: RunConfig, config_path: Path, *, trust_remote_code: bool) -> None:
+    """Refuse a saved ``model.trust_remote_code: true`` unless the user allowed it on the command line.
+
+    Raises:
+        RunDirError: The saved config asks to run the model's own Python code and ``trust_remote_code``
+            is False.
+    """
+    if cfg.model.trust_remote_code and not trust_remote_code:
+        raise RunDirError(
+            f"{config_path}: model.trust_remote_code=true would run Python code shipped with the model "
+            f"{cfg.model.name_or_path!r}; a run folder is data, so rebuilding it runs no code unless you pass "
+            "--trust-remote-code (only for a folder and model you trust)"
+        )
+
+
+def _resolved_config(files: RunFiles, *, trust_remote_code: bool = False) -> tuple[RunConfig, modeling.ModelInfo, Path]:
     """The saved config with per-family defaults filled (a no-op for a saved one), model info and path."""
     cfg = read_run_config(files.config)
+    check_remote_code(cfg, files.config, trust_remote_code=trust_remote_code)
     try:
         model_path = modeling.resolve_model_path(cfg.model.name_or_path)
     except (FileNotFoundError, ModuleNotFoundError) as error:
@@ -206,12 +226,15 @@ def resolve_device(device: torch.device | str) -> torch.device:
     return chosen
 
 
-def load_run(run_dir: str | Path, device: torch.device | str = "auto") -> tuple[RunConfig, Any, nn.Module]:
+def load_run(
+    run_dir: str | Path, device: torch.device | str = "auto", *, trust_remote_code: bool = False
+) -> tuple[RunConfig, Any, nn.Module]:
     """Rebuild a finished run's trained classifier from its saved config and adapter.
 
     Args:
         run_dir: The ``output_dir`` of a finished ``launch/train.py`` run.
         device: Where the model goes (``"auto"``, ``"cpu"``, ``"cuda"``, or a torch device).
+        trust_remote_code: Allow a saved ``model.trust_remote_code: true`` (runs the model's own code).
 
     Returns:
         (the resolved run config, the tokenizer, the model in eval mode on ``device``).
@@ -222,7 +245,7 @@ def load_run(run_dir: str | Path, device: torch.device | str = "auto") -> tuple[
     """
     base_layers.install_log_notice()
     files = finished_run_files(run_dir)
-    cfg, info, model_path = _resolved_config(files)
+    cfg, info, model_path = _resolved_config(files, trust_remote_code=trust_remote_code)
     chosen = resolve_device(device)
     tokenizer, model = _rebuild(cfg, info, model_path, files.adapter, chosen)
     logger.info("rebuilt method=%s model=%s from %s on %s", cfg.method, cfg.model.name_or_path, files.run_dir, chosen)
@@ -300,6 +323,7 @@ def evaluate_run(
     device: torch.device | str = "auto",
     batch_size: int | None = None,
     progress: bool = False,
+    trust_remote_code: bool = False,
 ) -> dict[str, Any]:
     """Re-evaluate a finished run on its own or other poison_data splits.
 
@@ -317,6 +341,7 @@ def evaluate_run(
         batch_size: Evaluation batch size (default: the run's ``train.eval_batch_size``; another
             value pads differently and is not guaranteed to reproduce bit for bit).
         progress: Show progress bars while predicting.
+        trust_remote_code: Allow a saved ``model.trust_remote_code: true`` (runs the model's own code).
 
     Returns:
         JSON-serialisable results: the run's identity and ``run_metrics`` (from metrics.json), the
@@ -332,7 +357,7 @@ def evaluate_run(
     chosen = resolve_device(device)
     files = finished_run_files(run_dir)
     run_metrics = _read_metrics(files.metrics)
-    cfg, info, model_path = _resolved_config(files)
+    cfg, info, model_path = _resolved_config(files, trust_remote_code=trust_remote_code)
 
     root = Path(data_root) if data_root is not None else Path(cfg.data.root)
     dataset = dataset or cfg.data.dataset

@@ -37,6 +37,10 @@ A cell with ``metrics.json`` is finished and skipped; a cell with a complete che
 at any point and started again finishes without redoing finished cells. ``results.csv`` and
 ``REPORT.md`` are rebuilt from the finished cells' ``metrics.json`` after every cell.
 
+Before the first cell starts, every training cell's run config (base config + overrides + axes) is
+parsed and validated (:func:`cell_problems`); one invalid cell stops the grid with every problem listed,
+and ``--list`` shows such a cell as ``invalid``.
+
 A finished cell records its settings (the parsed base config, its overrides, a derived cell's source
 and arguments) in ``cell.json``. When the grid file or the base config changes them afterwards, the
 cell is ``changed``: the report leaves it out, and a run refuses to start until the old results are
@@ -85,7 +89,7 @@ FILTERS = ("bki", "cube")
 CSV_FIELDS = (
     "dataset", "model", "attack", "method", "seed", "cacc", "asr", "clean_fpr", "asr_minus_clean_fpr",
     "best_epoch", "dev_clean_acc", "global_steps", "train_seconds", "wall_seconds", "peak_memory_mb",
-    "trainable_parameters", "gates", "run_dir",
+    "trainable_parameters", "canary_asr", "canary_floor", "canary_held", "gates", "run_dir",
 )
 
 
@@ -260,10 +264,14 @@ def cell_dir(grid: Grid, cell: Cell) -> Path:
 
 
 def cell_state(run_dir: Path) -> str:
-    """``finished`` (metrics.json), ``resumable`` (complete checkpoint), ``stale`` (anything else present), ``new``."""
+    """``finished`` (metrics.json), ``resumable`` (complete checkpoint, also one a killed save left as
+    ``last.old-<pid>``, which the resume renames back), ``stale`` (anything else present), ``new``."""
     if (run_dir / "metrics.json").is_file():
         return "finished"
-    if (run_dir / "checkpoints" / "last" / "COMPLETE").is_file():
+    checkpoints = run_dir / "checkpoints"
+    if (checkpoints / "last" / "COMPLETE").is_file() or any(
+        (old / "COMPLETE").is_file() for old in checkpoints.glob("last.old-*")
+    ):
         return "resumable"
     return "stale" if run_dir.exists() else "new"
 
@@ -319,6 +327,30 @@ def cell_status(grid: Grid, cell: Cell) -> str:
     """:func:`cell_state`, with ``changed`` for a finished cell whose settings differ from the grid's now."""
     state = cell_state(cell_dir(grid, cell))
     return "changed" if state == "finished" and settings_changes(grid, cell) else state
+
+
+def cell_problems(grid: Grid, cell: Cell) -> list[str]:
+    """Why a cell's run config is invalid (empty when it parses): what ``launch/train.py`` would refuse at once.
+
+    A training cell's command line (base config, axes, overrides) is loaded as ``launch/train.py`` loads it;
+    a derived cell is checked through its source method's cell, whose overrides its retraining uses.
+    """
+    from pipeline.config import load_config
+
+    target = source_cell(cell) if cell.source is not None else cell
+    args = cell_command(grid, target, cell_dir(grid, target), resume=False)
+    start = args.index("--config")
+    try:
+        load_config(args[start + 1], args[start + 2:])
+    except ConfigError as error:
+        return list(error.problems)
+    return []
+
+
+def invalid_cells(grid: Grid) -> dict[Cell, list[str]]:
+    """Every cell whose run config is invalid, with its problems (:func:`cell_problems`)."""
+    found = {cell: cell_problems(grid, cell) for cell in grid.cells}
+    return {cell: problems for cell, problems in found.items() if problems}
 
 
 def cell_command(grid: Grid, cell: Cell, run_dir: Path, *, resume: bool, python: str = sys.executable) -> list[str]:
@@ -381,6 +413,7 @@ def run_grid(
     max_cells: int | None = None,
     jobs: int = 1,
     rerun_changed: bool = False,
+    validate: bool = True,
 ) -> dict[str, int]:
     """Run every unfinished cell in grid order, rebuilding results.csv and REPORT.md after each.
 
@@ -393,13 +426,22 @@ def run_grid(
         jobs: cells run side by side (give each cell ``train.num_threads`` = cores / jobs).
         rerun_changed: move finished cells whose settings changed to ``<output_root>/replaced/`` and rerun
             them (default: refuse to start while any exists).
+        validate: check every cell's run config before the first one starts (:func:`invalid_cells`); off
+            only for runners that do not run ``launch/train.py``.
 
     Returns:
         Counts of cells by outcome (``skipped``, ``ran``, ``failed``).
 
     Raises:
-        ConfigError: finished cells whose settings changed, and ``rerun_changed`` is off. Nothing ran.
+        ConfigError: a cell's run config is invalid, or finished cells' settings changed and ``rerun_changed``
+            is off. Nothing ran.
     """
+    invalid = invalid_cells(grid) if validate else {}
+    if invalid:
+        raise ConfigError([
+            f"cell {cell.key}: {problem}; nothing ran: fix the grid {grid.path} or its base config {grid.base_config}"
+            for cell, problems in invalid.items() for problem in problems
+        ])
     changed = {cell: settings_changes(grid, cell) for cell in grid.cells if cell_state(cell_dir(grid, cell)) == "finished"}
     changed = {cell: changes for cell, changes in changed.items() if changes}
     if changed and not rerun_changed:
@@ -434,7 +476,13 @@ def run_grid(
             return
         if state == "stale":
             logger.warning("cell %s: removing an unfinished directory with no checkpoint", cell.key)
-            shutil.rmtree(run_dir)
+            try:
+                ckpt.remove_run_folder(run_dir)
+            except ckpt.NotARunFolderError as error:
+                with lock:
+                    counts["failed"] += 1
+                logger.error("cell %s: %s; move those files away and run the grid again", cell.key, error)
+                return
         run_dir.parent.mkdir(parents=True, exist_ok=True)
         command = cell_command(grid, cell, run_dir, resume=state == "resumable", python=python)
         log_file = logs / (cell.key.replace("/", "__") + ".log")
@@ -509,11 +557,13 @@ def collect_rows(grid: Grid) -> list[dict[str, Any]]:
         metrics = json.loads((run_dir / "metrics.json").read_text())
         extra = json.loads((run_dir / "cell.json").read_text()) if (run_dir / "cell.json").is_file() else {}
         gates = [e.get("gates", {}) for e in metrics.get("history", [])]
+        canary = metrics.get("canary") or {}
         rows.append({
             "dataset": cell.dataset, "model": cell.model, "attack": cell.attack, "method": cell.method, "seed": cell.seed,
             **{k: metrics.get(k) for k in ("cacc", "asr", "clean_fpr", "asr_minus_clean_fpr", "best_epoch", "dev_clean_acc",
                                             "global_steps", "train_seconds", "peak_memory_mb", "trainable_parameters")},
             "wall_seconds": extra.get("wall_seconds"),
+            "canary_asr": canary.get("asr"), "canary_floor": canary.get("floor"), "canary_held": canary.get("held"),
             "gates": json.dumps(gates),
             "run_dir": str(run_dir.relative_to(grid.output_root)),
             "_metrics": metrics,
@@ -564,6 +614,30 @@ def summary_table(rows: Sequence[Mapping[str, Any]], methods: Sequence[str], att
         complete = len(means["cacc"]) == len(attacks)
         averages = [f"{statistics.mean(means[k]):.1f}" if complete else "-" for k in ("cacc", "asr", "clean_fpr")]
         lines.append(f"| {method} | " + " | ".join(cells + averages) + f" | {len(seeds) or '-'} |")
+    return "\n".join(lines) + "\n"
+
+
+def canary_table(rows: Sequence[Mapping[str, Any]], methods: Sequence[str], attacks: Sequence[str]) -> str:
+    """Markdown: per method and attack the planted canary's ASR / clean floor at the selected epoch (mean over
+    seeds) and how many runs it held in; empty when no row has a canary."""
+    groups: dict[tuple[str, str], list[Mapping[str, Any]]] = defaultdict(list)
+    for row in rows:
+        if row.get("canary_asr") is not None:
+            groups[(row["method"], row["attack"])].append(row)
+    if not groups:
+        return ""
+    lines = ["| method | " + " | ".join(f"{a}: canary ASR / floor (held)" for a in attacks) + " |",
+             "|" + "---|" * (len(attacks) + 1)]
+    for method in methods:
+        if not any((method, a) in groups for a in attacks):
+            continue
+        cells = []
+        for attack in attacks:
+            group = groups.get((method, attack), [])
+            held = sum(bool(r["canary_held"]) for r in group)
+            cells.append(f"{_fmt([float(r['canary_asr']) for r in group])} / {_fmt([float(r['canary_floor']) for r in group])} "
+                         f"({held}/{len(group)})" if group else "-")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -644,6 +718,19 @@ def _shown(path: Path) -> str:
         return str(path)
 
 
+def _canary_lines(rows: Sequence[Mapping[str, Any]], grid: Grid) -> list[str]:
+    """The report's canary section (docs/CANARY.md), or nothing when no finished cell planted one."""
+    table = canary_table(rows, grid.methods, grid.attacks)
+    if not table:
+        return []
+    return [
+        "## Canary: the planted positive control at the selected epoch", "",
+        "Canary ASR: triggered non-target selection rows predicted as the canary's target; floor: the same rows",
+        "without the trigger. Held: the trigger adds at most canary.tolerance (docs/CANARY.md). Mean over seeds.", "",
+        table,
+    ]
+
+
 def grid_source(grid: Grid, method: str) -> str:
     """The method a derived method starts from (its name when it is not derived)."""
     return next((c.source for c in grid.cells if c.method == method and c.source), method)
@@ -671,6 +758,7 @@ def render_report(
         "floor under ASR that the trigger does not cause).",
         "",
         summary_table(rows, grid.methods, grid.attacks),
+        *_canary_lines(rows, grid),
         "## Cost per method (mean over finished cells)",
         "",
         "Train seconds: the training loop; cell wall seconds: the whole cell as the grid ran it (set-up,",

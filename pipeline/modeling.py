@@ -197,11 +197,16 @@ def read_model_info(path: str | Path, *, trust_remote_code: bool = False) -> Mod
         The checkpoint's ``ModelInfo``.
 
     Raises:
-        ValueError: the config has no hidden size or layer count.
+        ValueError: the config has no hidden size or layer count, or ``config.json`` cannot be read.
     """
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:
+        if isinstance(error, FileNotFoundError) or not (Path(path) / "config.json").is_file():
+            raise
+        raise ValueError(damaged_model_message(Path(path) / "config.json", error)) from error
     text_config = config.get_text_config()
     hidden_size = getattr(text_config, "hidden_size", None)
     num_layers = getattr(text_config, "num_hidden_layers", None)
@@ -216,6 +221,13 @@ def read_model_info(path: str | Path, *, trust_remote_code: bool = False) -> Mod
         hidden_size=int(hidden_size),
         num_layers=int(num_layers),
     )
+
+
+def damaged_model_message(path: Path, error: BaseException) -> str:
+    """One line for a model file that exists but cannot be read: which file, what is wrong, what to do."""
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return (f"{path} cannot be read ({first}); the model directory is damaged (truncated download or edited file): "
+            "download or copy the model again")
 
 
 def load_tokenizer(
@@ -387,16 +399,22 @@ def load_classifier(
     quantized_kwargs = {}
     if quantization_config is not None:
         quantized_kwargs = {"quantization_config": quantization_config, "device_map": {"": torch.device(device)}}
-    with _quiet_transformers_load_report():
-        model, loading_info = AutoModelForSequenceClassification.from_pretrained(
-            path,
-            num_labels=num_labels,
-            dtype=dtype,
-            local_files_only=True,
-            trust_remote_code=trust_remote_code,
-            output_loading_info=True,
-            **quantized_kwargs,
-        )
+    try:
+        with _quiet_transformers_load_report():
+            model, loading_info = AutoModelForSequenceClassification.from_pretrained(
+                path,
+                num_labels=num_labels,
+                dtype=dtype,
+                local_files_only=True,
+                trust_remote_code=trust_remote_code,
+                output_loading_info=True,
+                **quantized_kwargs,
+            )
+    except Exception as error:  # safetensors' SafetensorError derives from Exception only
+        if type(error).__name__ != "SafetensorError" and not isinstance(error, (OSError, EOFError)):
+            raise
+        weights = sorted(Path(path).glob("*.safetensors")) or sorted(Path(path).glob("*.bin"))
+        raise ValueError(damaged_model_message(weights[0] if len(weights) == 1 else Path(path), error)) from error
     model_type = model.config.model_type
     _report_loading(path, model_type, loading_info)
     if quantization_config is not None:

@@ -10,8 +10,11 @@ One optimiser step, read top to bottom in :func:`train_epoch`:
    raw-gradient mix (REFERENCE.md section 2.3).
 4. Non-finite check, global-norm clipping, AdamW step, linear schedule step.
 
-Each epoch ends with accuracy on the selection split (dev-clean minus the reference rows), which
-picks the best epoch; dev-poison ASR is logged for monitoring only and never used for selection.
+Each epoch ends with accuracy on the selection split (dev-clean minus the reference rows) and, with
+the canary on (pipeline/canary.py), the ASR of the planted canary backdoor on triggered copies of the
+non-target selection rows beside its clean floor; the best epoch is the most accurate among those whose
+canary stays at its floor (:func:`pipeline.canary.select_epoch`). Dev-poison ASR is logged for
+monitoring only and never used for selection.
 After training the best epoch's trainable weights are restored and CACC / ASR are measured on
 test-clean / test-poison.
 """
@@ -38,6 +41,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from pipeline import canary as canary_lib
 from pipeline import checkpoint as ckpt
 from pipeline import distributed as dist
 from pipeline import frequency
@@ -74,8 +78,18 @@ class NonFiniteError(RuntimeError):
     """A loss or gradient became NaN/inf; the run stops and keeps its last good checkpoint."""
 
 
+class DivergenceError(NonFiniteError):
+    """Training ran away: the loss, gradient or parameter norm exploded or the update overflowed."""
+
+
 class OutputDirError(RuntimeError):
     """The output directory exists and neither ``resume`` nor ``overwrite`` was requested."""
+
+
+DIVERGENCE_LOSS_FACTOR = 100.0
+"""A step's mean training loss above this many times max(first step's loss, ln num_labels) is divergence."""
+DIVERGENCE_PARAM_FACTOR = 1e4
+"""A trainable-parameter norm above this many times max(its initial norm, 1) is divergence."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +103,8 @@ class Loaders:
     test_clean: DataLoader
     test_poison: DataLoader
     collate: Any
+    canary: canary_lib.CanaryData | None = None
+    canary_triggered: DataLoader | None = None
 
 
 # ----------------------------------------------------------------------------- setup
@@ -103,20 +119,39 @@ def select_device(choice: str) -> torch.device:
     return torch.device("cuda")
 
 
+def remove_run_folder(output_dir: Path) -> None:
+    """Delete a run folder's contents (:func:`pipeline.checkpoint.remove_run_folder`) or raise OutputDirError."""
+    try:
+        ckpt.remove_run_folder(output_dir)
+    except ckpt.NotARunFolderError as error:
+        raise OutputDirError(f"overwrite=true: {error}") from error
+
+
 def prepare_output_dir(output_dir: Path, *, resume: bool, overwrite: bool) -> bool:
     """Decide what to do with ``output_dir`` before anything is written.
+
+    ``overwrite`` only ever replaces a folder that is recognisably a run folder of this pipeline
+    (:func:`pipeline.checkpoint.foreign_entries`); a checkpoint that a save killed between its two renames left as
+    ``last.old-<pid>`` is renamed back before a resume (:func:`pipeline.checkpoint.recover_checkpoint`).
 
     Returns:
         True when the run resumes from ``output_dir/checkpoints/last``.
 
     Raises:
-        OutputDirError: the directory holds files and neither flag allows touching them, or resume
-            was asked but no complete checkpoint exists.
+        OutputDirError: the directory holds files and neither flag allows touching them, resume
+            was asked but no complete checkpoint exists, or overwrite was asked for a folder that is
+            not a run folder (a symbolic link, or files a run does not write).
     """
-    exists = output_dir.exists() and any(output_dir.iterdir())
+    exists = output_dir.is_symlink() or (output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())))
     last = output_dir / _CHECKPOINT_DIR / _LAST
     if resume:
+        if output_dir.is_dir():
+            ckpt.recover_checkpoint(last)
+            ckpt.remove_stale_siblings(last)
         if (last / "COMPLETE").exists():
+            for torn in output_dir.glob(".*.tmp"):  # atomic writes of log.jsonl, config.yaml ... cut by a kill
+                if torn.is_file() and not torn.is_symlink():
+                    torn.unlink()
             return True
         if exists:
             raise OutputDirError(
@@ -129,6 +164,13 @@ def prepare_output_dir(output_dir: Path, *, resume: bool, overwrite: bool) -> bo
             f"output_dir={output_dir} already exists and is not empty; pass resume=true to continue "
             "that run, overwrite=true to replace it, or choose another output_dir"
         )
+    if exists:
+        problems = ckpt.foreign_entries(output_dir)
+        if problems:
+            raise OutputDirError(
+                f"output_dir={output_dir}: overwrite=true replaces only a run folder of this pipeline, and this is "
+                f"not one ({'; '.join(problems)}); choose another output_dir or move those files away"
+            )
     return False
 
 
@@ -268,16 +310,31 @@ def epoch_batches(num_rows: int, batch_size: int, *, seed: int, epoch: int) -> l
     return [order[i : i + batch_size] for i in range(0, num_rows, batch_size)]
 
 
-def reference_indices(num_rows: int, batch_size: int, *, seed: int, draw: int) -> list[int]:
-    """Rows of the ``draw``-th batch of an endlessly reshuffled reference loader (a pure function of draw)."""
+def reference_indices(
+    num_rows: int, batch_size: int, *, seed: int, draw: int, sampling: str = "fresh"
+) -> list[int]:
+    """Rows of the ``draw``-th reference batch (a pure function of ``draw``, so every rank and a resumed run agree).
+
+    ``sampling="fresh"`` (the authors' GA trainer, which restarts its shuffled reference loader every
+    step and takes its first batch): draw d is the first batch of permutation number d, so consecutive
+    steps draw independent batches and a row may repeat. ``"passes"``: consecutive draws walk through
+    reshuffled passes over the reference set, each row once per pass.
+    """
+    if sampling == "fresh":
+        return epoch_batches(num_rows, batch_size, seed=seed + 7919, epoch=draw)[0]
+    if sampling != "passes":
+        raise ValueError(f"reference_indices: sampling must be 'fresh' or 'passes', got {sampling!r}")
     per_pass = math.ceil(num_rows / batch_size)
     ref_pass, position = divmod(draw, per_pass)
     return epoch_batches(num_rows, batch_size, seed=seed + 7919, epoch=ref_pass)[position]
 
 
-def reference_batch(dataset: Any, collate: Any, batch_size: int, *, seed: int, draw: int) -> dict[str, torch.Tensor]:
+def reference_batch(
+    dataset: Any, collate: Any, batch_size: int, *, seed: int, draw: int, sampling: str = "fresh"
+) -> dict[str, torch.Tensor]:
     """The ``draw``-th reference batch, collated (the same one on every world size)."""
-    return collate([dataset[i] for i in reference_indices(len(dataset), batch_size, seed=seed, draw=draw)])
+    rows = reference_indices(len(dataset), batch_size, seed=seed, draw=draw, sampling=sampling)
+    return collate([dataset[i] for i in rows])
 
 
 def local_rows(rows: Sequence[int], runtime: dist.Runtime) -> tuple[list[int], float]:
@@ -303,6 +360,102 @@ def batch_loss(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Ten
 
 
 # ----------------------------------------------------------------------------- state
+
+
+@dataclasses.dataclass
+class EpochTally:
+    """What an epoch reports besides weights: the running sum of its step losses and the gate counts.
+
+    Saved with each checkpoint (``progress["epoch_tally"]``) and restored on resume, so a run resumed
+    mid-epoch reports the same epoch ``train_loss`` and ``gates`` as an uninterrupted one (the sum is
+    accumulated in step order and a float round-trips exactly through JSON, so bit for bit).
+    """
+
+    loss_sum: float = 0.0
+    steps: int = 0
+    gates: Counter[str] = dataclasses.field(default_factory=Counter)
+
+    def add(self, loss: float, gate: str | None) -> None:
+        """Count one optimiser step."""
+        self.loss_sum += loss
+        self.steps += 1
+        if gate is not None:
+            self.gates[gate] += 1
+
+    def mean_loss(self) -> float:
+        """Mean of the epoch's step losses (0 for an epoch without steps)."""
+        return self.loss_sum / max(self.steps, 1)
+
+    def state(self) -> dict[str, Any]:
+        """JSON form for the checkpoint's progress record."""
+        return {"loss_sum": self.loss_sum, "steps": self.steps, "gates": dict(self.gates)}
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any] | None) -> EpochTally:
+        """The tally saved by :meth:`state` (an empty one for None)."""
+        if not state:
+            return cls()
+        return cls(loss_sum=float(state["loss_sum"]), steps=int(state["steps"]),
+                   gates=Counter({str(k): int(v) for k, v in state["gates"].items()}))
+
+
+@dataclasses.dataclass
+class DivergenceGuard:
+    """Stops a run whose loss or trainable parameters explode (train.lr far too high, bad data scale).
+
+    Criteria, checked after every optimiser step (the numbers are global, so every rank agrees):
+
+    - the step's mean training loss > ``DIVERGENCE_LOSS_FACTOR * max(first step's loss, ln C)``;
+    - the global norm of the trainable parameters is not finite, or
+      > ``DIVERGENCE_PARAM_FACTOR * max(its initial norm, 1)``;
+    - the pre-clip gradient norm is not finite.
+
+    ``first_loss`` and ``initial_param_norm`` live in the checkpoint's progress record.
+    """
+
+    num_labels: int
+    first_loss: float | None = None
+    initial_param_norm: float | None = None
+
+    def state(self) -> dict[str, Any]:
+        """JSON form for the progress record."""
+        return {"first_loss": self.first_loss, "initial_param_norm": self.initial_param_norm}
+
+    def check(self, *, step: int, epoch: int, loss: float, grad_norm: float, param_norm: float, lr: float) -> None:
+        """Raise :class:`DivergenceError` naming the step and the cause when the step diverged."""
+        if self.initial_param_norm is None:
+            raise AssertionError("DivergenceGuard.initial_param_norm must be measured before the first step")
+        if self.first_loss is None:
+            self.first_loss = loss
+        where = f"step {step} (epoch {epoch}, lr {lr:.3g})"
+        advice = "training diverged; lower train.lr (or raise train.warmup_ratio) and start again"
+        if not math.isfinite(grad_norm):
+            raise DivergenceError(f"{where}: gradient norm is {grad_norm}; {advice}")
+        loss_limit = DIVERGENCE_LOSS_FACTOR * max(self.first_loss, math.log(self.num_labels))
+        if loss > loss_limit:
+            raise DivergenceError(
+                f"{where}: training loss {loss:.4g} exceeds {loss_limit:.4g} ({DIVERGENCE_LOSS_FACTOR:g} x the first "
+                f"step's {self.first_loss:.4g}); {advice}"
+            )
+        param_limit = DIVERGENCE_PARAM_FACTOR * max(self.initial_param_norm, 1.0)
+        if not math.isfinite(param_norm) or param_norm > param_limit:
+            raise DivergenceError(
+                f"{where}: trainable-parameter norm {param_norm:.4g} exceeds {param_limit:.4g} "
+                f"({DIVERGENCE_PARAM_FACTOR:g} x its initial {self.initial_param_norm:.4g}); {advice}"
+            )
+
+
+def trainable_norm(params: Mapping[str, nn.Parameter]) -> float:
+    """Global L2 norm of the trainable parameters (of this rank's copies; ZeRO-3 placeholders count 0).
+
+    One norm per tensor in its own dtype (no full-precision copy of a large weight), one host sync.
+    """
+    with torch.no_grad():
+        norms = [torch.linalg.vector_norm(p.detach()).float() for p in params.values() if p.numel()]
+        if not norms:
+            return 0.0
+        total = float(torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms])))
+    return total if math.isfinite(total) else float("inf")
 
 
 def load_trainable_state(params: Mapping[str, nn.Parameter], state: Mapping[str, torch.Tensor]) -> None:
@@ -338,14 +491,20 @@ def _append_log(path: Path, record: Mapping[str, Any]) -> None:
         handle.write(json.dumps(record) + "\n")
 
 
-def _truncate_log(path: Path, global_step: int) -> None:
-    """On resume, drop log records written after the checkpoint being resumed."""
+def _truncate_log(path: Path, global_step: int, epoch: int) -> None:
+    """On resume, drop log records written after the checkpoint being resumed (global step
+    ``global_step``, in epoch ``epoch``): later steps, and the record of an epoch it had not finished."""
     if not path.exists():
         return
     kept = []
-    for line in path.read_text().splitlines():
-        record = json.loads(line)
-        if record.get("global_step", 0) <= global_step:
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a record torn by a kill mid-append
+            logger.warning("%s:%d is not a JSON record (torn by an interrupted write?); dropped on resume", path, number)
+            continue
+        late_epoch = record.get("type") == "epoch" and record.get("epoch", -1) >= epoch
+        if record.get("global_step", 0) <= global_step and not late_epoch:
             kept.append(line)
     ckpt.atomic_write_text(path, "".join(k + "\n" for k in kept))
 
@@ -439,6 +598,21 @@ def _training_data(cfg: RunConfig) -> tuple[data_lib.SplitPaths, data_lib.Traini
     return paths, training
 
 
+def _plant_canary(cfg: RunConfig, training: data_lib.TrainingData) -> tuple[data_lib.TrainingData, canary_lib.CanaryData | None]:
+    """Plant the canary in the training rows (``canary.enabled``); reference and selection rows stay as they are."""
+    if not cfg.canary.enabled:
+        return training, None
+    spec = canary_lib.CanarySpec(
+        trigger=canary_lib.draw_trigger(cfg.canary.seed, num_tokens=cfg.canary.num_tokens, token_length=cfg.canary.token_length),
+        target_label=cfg.canary.target_label, rate=cfg.canary.rate, seed=cfg.canary.seed, tolerance=cfg.canary.tolerance,
+    )
+    try:
+        data = canary_lib.prepare(training.train, training.selection, spec)
+    except canary_lib.CanaryError as error:
+        raise ConfigError([f"canary: {error}"]) from error
+    return dataclasses.replace(training, train=data.train), data
+
+
 def _validated_setup(
     cfg: RunConfig,
     *,
@@ -520,6 +694,7 @@ def plan_run(
     if seq_len is None:
         tokenizer = modeling.load_tokenizer(model_path, is_decoder=info.is_decoder, trust_remote_code=cfg.model.trust_remote_code)
         _, training = _training_data(cfg)
+        training, _ = _plant_canary(cfg, training)
         seq_len = longest_row(*(data_lib.encode(ds, tokenizer, max_length=cfg.data.max_length)
                                 for ds in (training.train, training.reference)))
     skeleton = modeling.skeleton_classifier(
@@ -562,7 +737,9 @@ def optimiser_step(
     extra: dict[str, torch.Tensor] = {"loss_sum": torch.tensor([loss_sum], device=runtime.device)}
     params = engine.params
     if uses_alignment(cfg.method):
-        rows = reference_indices(len(reference), cfg.train.batch_size, seed=cfg.seed, draw=ref_draw)
+        rows = reference_indices(
+            len(reference), cfg.train.batch_size, seed=cfg.seed, draw=ref_draw, sampling=cfg.align.ref_sampling
+        )
         mine, weight = local_rows(rows, runtime)
         ref_batch = _to_device(collate([reference[i] for i in mine]), runtime.device)
         # This rank's share of the global mean reference loss; the shares are summed across ranks.
@@ -605,7 +782,15 @@ def optimiser_step(
         _, reduced = engine.reduce_gradients(extra, include_task=False)
         if float(reduced["nonfinite"]) > 0:
             raise NonFiniteError(f"step {global_step}: gradient norm is nan/inf (non-finite in {bad[:5] or ['<another rank>']})")
-    grad_norm = engine.step()
+    try:
+        grad_norm = engine.step()
+    except RuntimeError as error:
+        if "overflow" not in str(error):
+            raise
+        raise DivergenceError(
+            f"step {global_step} (epoch {epoch}, lr {scheduler.get_last_lr()[0]:.3g}): the optimiser update overflowed "
+            f"({error}); training diverged: lower train.lr and start again"
+        ) from error
     scheduler.step()
     record.update(
         grad_norm=grad_norm, lr=scheduler.get_last_lr()[0], loss_sum=float(reduced["loss_sum"]),
@@ -639,10 +824,15 @@ def group_cosines(task: Mapping[str, torch.Tensor], reference: Mapping[str, torc
 
 
 def open_tensorboard(output_dir: Path) -> Any:
-    """A TensorBoard writer under ``output_dir/tensorboard`` when tensorboard is installed, else None."""
+    """A TensorBoard writer under ``output_dir/tensorboard``; None (with a warning) without tensorboard.
+
+    The set-up installs tensorboard (the ``tensorboard`` extra); view with ``tensorboard --logdir runs/``.
+    """
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
+        logger.warning("tensorboard is not installed: no TensorBoard scalars under %s (pip install tensorboard, or "
+                       "the project's [tensorboard] extra); log.jsonl has the same numbers", output_dir / "tensorboard")
         return None
     return SummaryWriter(log_dir=str(output_dir / "tensorboard"))
 
@@ -722,8 +912,11 @@ def _run(cfg: RunConfig, runtime: dist.Runtime, ds_raw: Mapping[str, Any] | None
         cfg, ds_raw=ds_raw, ds_source=ds_source, world_size=runtime.world_size, device_type=runtime.device.type,
     )
     resuming = _decide_output_dir(runtime, output_dir, cfg)
+    # Every rank reads back what rank 0 writes into output_dir (resume, best epoch): refuse other set-ups now.
+    dist.check_shared_directory(runtime, output_dir)
 
     paths, training = _training_data(cfg)
+    training, canary_data = _plant_canary(cfg, training)
     evaluation = data_lib.load_evaluation_data(
         paths, num_labels=cfg.model.num_labels, max_eval_samples=cfg.data.max_eval_samples, seed=cfg.seed
     )
@@ -743,7 +936,13 @@ def _run(cfg: RunConfig, runtime: dist.Runtime, ds_raw: Mapping[str, Any] | None
         )
     if cfg.model.quantization == "none":  # quantized bases are placed by their loader
         model.to(runtime.device)
+    check_training_rows(cfg, tokenizer, training, paths)
     loaders = build_loaders(cfg, tokenizer, training, evaluation)
+    warn_truncation(cfg, loaders.train)
+    if canary_data is not None:
+        triggered = data_lib.encode(canary_data.triggered, tokenizer, max_length=cfg.data.max_length)
+        loaders = dataclasses.replace(loaders, canary=canary_data, canary_triggered=DataLoader(
+            triggered, batch_size=cfg.train.eval_batch_size, shuffle=False, collate_fn=loaders.collate))
     if cfg.method == "ref_only":
         # The sanity floor: the same adapters, the same number of steps and rows, but every row is a
         # clean reference row (cycled), never a row of the poisoned training file.
@@ -759,8 +958,8 @@ def _run(cfg: RunConfig, runtime: dist.Runtime, ds_raw: Mapping[str, Any] | None
     handler = None
     if runtime.is_main:
         if cfg.overwrite and not resuming and output_dir.exists():
-            logger.warning("overwrite=true: removing the existing %s", output_dir)
-            shutil.rmtree(output_dir)
+            logger.warning("overwrite=true: removing the existing run in %s", output_dir)
+            remove_run_folder(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
         handler = _setup_file_logging(output_dir)
     dist.barrier(runtime)
@@ -769,18 +968,76 @@ def _run(cfg: RunConfig, runtime: dist.Runtime, ds_raw: Mapping[str, Any] | None
             cfg, info, model, trainable_names, loaders, output_dir, runtime, resuming, overlap, paths, ds_config,
             (estimate, baseline_mb),
         )
+    except BaseException as error:
+        if handler is not None:  # the launcher reports it on the terminal; train.log keeps it too
+            message = f"run stopped: {type(error).__name__}: {error}"
+            handler.handle(logger.makeRecord(logger.name, logging.ERROR, __file__, 0, message, (), None))
+        raise
     finally:
         if handler is not None:
             logging.getLogger().removeHandler(handler)
             handler.close()
 
 
+_RESUME_IGNORED_KEYS = frozenset({"resume", "overwrite", "output_dir"})
+"""Top-level config keys a resume may change: the flags, and where the folder lives (copied or moved)."""
+
+
+def check_training_rows(cfg: RunConfig, tokenizer: Any, training: data_lib.TrainingData, paths: data_lib.SplitPaths) -> None:
+    """Refuse training data that cannot teach a classifier, before anything is written.
+
+    Raises:
+        ConfigError: ``data.max_length`` leaves no room for text after the tokenizer's special tokens.
+        data_lib.DataError: the rows trained on hold a single class.
+    """
+    special = tokenizer.num_special_tokens_to_add()
+    if cfg.data.max_length <= special:
+        raise ConfigError([
+            f"data.max_length={cfg.data.max_length}: the tokenizer adds {special} special token(s) to every row, which "
+            f"leaves no token of text; use a length that fits the sentences (SST-2 needs about 64)"
+        ])
+    rows = training.reference if cfg.method == "ref_only" else training.train
+    source = f"the {cfg.data.ref_size} reference rows drawn from {paths.dev_clean}" if cfg.method == "ref_only" else str(paths.train)
+    labels = Counter(int(y) for y in rows["label"])
+    if len(labels) < 2:
+        subset = f" (data.max_train_samples={cfg.data.max_train_samples})" if cfg.data.max_train_samples and cfg.method != "ref_only" else ""
+        raise data_lib.DataError(
+            f"{source}: all {len(rows)} training rows{subset} have label {next(iter(labels), None)}; a classifier "
+            "trained on one class only learns to predict it. Check the file's labels or use more rows"
+        )
+    if cfg.method != "ref_only" and len(set(int(y) for y in training.reference["label"])) < 2:
+        logger.warning("the %d reference rows drawn from %s hold one class only; raise data.ref_size",
+                       len(training.reference), paths.dev_clean)
+
+
+def warn_truncation(cfg: RunConfig, train: Any) -> None:
+    """Warn when ``data.max_length`` cuts most training rows (a row of exactly max_length tokens was cut,
+    or fits exactly)."""
+    lengths = [len(ids) for ids in train["input_ids"]]
+    cut = sum(n >= cfg.data.max_length for n in lengths)
+    if lengths and cut > len(lengths) / 2:
+        logger.warning(
+            "data.max_length=%d truncates %d of %d training rows (%.0f%%): the model sees only their first tokens; "
+            "raise data.max_length", cfg.data.max_length, cut, len(lengths), 100 * cut / len(lengths),
+        )
+
+
 def _check_resumable_config(output_dir: Path, resolved: dict[str, Any]) -> None:
     saved_path = output_dir / "config.yaml"
     if not saved_path.exists():
         return
-    saved = yaml.safe_load(saved_path.read_text())
-    ignore = {"resume", "overwrite"}
+    try:
+        saved = yaml.safe_load(saved_path.read_text())
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"{saved_path}:{mark.line + 1}" if mark is not None else str(saved_path)
+        raise ConfigError([
+            f"{where}: not valid YAML ({getattr(error, 'problem', None) or type(error).__name__}); restore it (metrics.json "
+            "holds a copy under 'config' once a run finished) or start the run again"
+        ]) from error
+    if not isinstance(saved, dict):
+        raise ConfigError([f"{saved_path} holds {type(saved).__name__}, not the run config run_training writes"])
+    ignore = _RESUME_IGNORED_KEYS
     diffs = []
 
     def walk(a: Any, b: Any, prefix: str) -> None:
@@ -815,7 +1072,7 @@ def _train_and_evaluate(
     resolved = config_to_dict(cfg)
     if resuming:
         _check_resumable_config(output_dir, resolved)
-    if main:
+    elif main:
         ckpt.atomic_write_text(output_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
 
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
@@ -854,7 +1111,15 @@ def _train_and_evaluate(
                 f"{runtime.world_size}; resume with the same number of ranks"
             ])
         # Parameters go in before the engine is built, so ZeRO's fp32 master copies start from them.
-        load_trainable_state(params, state.trainable)
+        try:
+            load_trainable_state(params, state.trainable)
+        except KeyError as error:
+            raise ckpt.CorruptFileError(
+                f"{checkpoint_dir / _LAST / ckpt.TRAINABLE_FILE} does not fit this model: {error.args[0]}; resume it with "
+                "the configuration it was written with, or start a new run"
+            ) from error
+        if main:  # the checkpoint is usable: record this invocation (a moved folder's new output_dir)
+            ckpt.atomic_write_text(output_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
 
     freq_every = cfg.analysis.frequency_every_steps
     freq_loaders = {"clean": loaders.selection, "backdoor": loaders.dev_poison}
@@ -893,11 +1158,18 @@ def _train_and_evaluate(
         ckpt.restore_rng_state(mine["rng"])
         progress.update(state.progress)
         if main:
-            _truncate_log(log_path, progress["global_step"])
+            _truncate_log(log_path, progress["global_step"], progress["epoch"])
             frequency.truncate_frequency_records(output_dir, progress["global_step"])
         logger.info("resumed from %s at epoch %d step %d", checkpoint_dir / _LAST, progress["epoch"], progress["global_step"])
 
+    tally = EpochTally.from_state(progress.get("epoch_tally") if progress["step_in_epoch"] > 0 else None)
+    guard = DivergenceGuard(num_labels=cfg.model.num_labels, **progress.get("divergence", {}))
+    if guard.initial_param_norm is None:
+        guard.initial_param_norm = trainable_norm(params)
+
     def save_checkpoint() -> None:
+        progress["epoch_tally"] = tally.state()
+        progress["divergence"] = guard.state()
         trainable = engine.full_parameters()
         rank_state = {"optimizer": engine.optimizer_state(), "rng": ckpt.capture_rng_state()}
         rank_states = dist.gather_objects(runtime, rank_state)
@@ -920,13 +1192,13 @@ def _train_and_evaluate(
         measure_frequency(0, 0)
     while progress["epoch"] < cfg.train.epochs and not done:
         epoch = progress["epoch"]
-        gates: Counter[str] = Counter()
+        if progress["step_in_epoch"] == 0:
+            tally = EpochTally()
         batches = epoch_batches(len(loaders.train), cfg.train.batch_size, seed=cfg.seed, epoch=epoch)
         micro = progress["step_in_epoch"] * cfg.train.grad_accum_steps
         bar = tqdm(total=steps_per_epoch, initial=progress["step_in_epoch"], desc=f"epoch {epoch}",
                    disable=None if main else True, dynamic_ncols=True)
         model.train()
-        losses: list[float] = []
         while micro < len(batches):
             step_started = time.perf_counter()
             group = batches[micro : micro + cfg.train.grad_accum_steps]
@@ -956,9 +1228,9 @@ def _train_and_evaluate(
             progress["samples_seen"] += rows
             progress["step_collectives"] = progress.get("step_collectives", 0) + record["collectives"]
             train_loss = record.pop("loss_sum") / rows
-            losses.append(train_loss)
-            if "gate" in record:
-                gates[record["gate"]] += 1
+            guard.check(step=progress["global_step"] - 1, epoch=epoch, loss=train_loss, grad_norm=record["grad_norm"],
+                        param_norm=trainable_norm(params), lr=record["lr"])
+            tally.add(train_loss, record.get("gate"))
             bar.update(1)
             bar.set_postfix(loss=f"{train_loss:.4f}", **({"ref": f"{record['ref_loss']:.3f}", "gate": record["gate"]} if "gate" in record else {}))
             if main:
@@ -985,20 +1257,29 @@ def _train_and_evaluate(
         dev_asr = ev.attack_success_rate(poison_preds, cfg.data.target_label)
         epoch_record = {
             "type": "epoch", "epoch": epoch, "global_step": progress["global_step"],
-            "train_loss": sum(losses) / max(len(losses), 1), "dev_clean_acc": dev_acc,
-            "dev_poison_asr_monitor_only": dev_asr, "gates": dict(gates),
+            "train_loss": tally.mean_loss(), "dev_clean_acc": dev_acc,
+            "dev_poison_asr_monitor_only": dev_asr, "gates": dict(tally.gates),
         }
+        if loaders.canary is not None:
+            canary_preds, _ = evaluate_split(model, loaders.canary_triggered, runtime, "canary")
+            canary_asr, canary_floor = canary_lib.canary_rates(
+                canary_preds.tolist(), dev_preds.tolist(), loaders.canary.selection_rows, loaders.canary.spec.target_label)
+            epoch_record.update(canary_asr=canary_asr, canary_floor=canary_floor, canary_asr_minus_floor=canary_asr - canary_floor)
         if main:
             _append_log(log_path, epoch_record)
             if writer is not None:
                 writer.add_scalar("epoch/dev_clean_acc", dev_acc, epoch)
                 writer.add_scalar("epoch/dev_poison_asr_monitor_only", dev_asr, epoch)
-                for gate, count in gates.items():
+                for gate, count in tally.gates.items():
                     writer.add_scalar(f"epoch/gate_{gate}", count, epoch)
         progress["history"].append(epoch_record)
-        logger.info("epoch %d: dev-clean acc %.2f%%, dev-poison ASR %.2f%% (monitoring only), gates %s",
-                    epoch, 100 * dev_acc, 100 * dev_asr, dict(gates))
-        if dev_acc > progress["best_dev_clean_acc"]:
+        logger.info("epoch %d: dev-clean acc %.2f%%, dev-poison ASR %.2f%% (monitoring only), gates %s%s",
+                    epoch, 100 * dev_acc, 100 * dev_asr, dict(tally.gates),
+                    f", canary ASR {100 * epoch_record['canary_asr']:.2f}% (floor {100 * epoch_record['canary_floor']:.2f}%)"
+                    if loaders.canary is not None else "")
+        tolerance = loaders.canary.spec.tolerance if loaders.canary is not None else None
+        incumbent = next((r for r in progress["history"] if r["epoch"] == progress["best_epoch"]), None)
+        if canary_lib.better(epoch_record, incumbent, tolerance):
             progress["best_dev_clean_acc"] = dev_acc
             progress["best_epoch"] = epoch
             best = engine.full_parameters()
@@ -1019,6 +1300,25 @@ def _train_and_evaluate(
         cfg, info, engine, loaders, output_dir, progress, train_seconds, n_trainable, overlap, paths, ds_config,
         memory_plan,
     )
+
+
+def _canary_metrics(canary: canary_lib.CanaryData | None, progress: Mapping[str, Any], majority: float) -> dict[str, Any]:
+    """metrics.json's ``canary`` block and ``selection_rule`` (percentages; ``canary.enabled`` false without one).
+
+    ``majority``: the majority-class share of the selection rows (the verdict is inconclusive at about it).
+    """
+    if canary is None:
+        return {"canary": {"enabled": False}, "selection_rule": "highest dev-clean accuracy (canary disabled)"}
+    chosen = canary_lib.select_epoch(progress["history"], canary.spec.tolerance)
+    selected = next(r for r in progress["history"] if r["epoch"] == progress["best_epoch"])
+    return {
+        "canary": {
+            "enabled": True, **canary.spec.to_dict(), "planted_rows": len(canary.planted),
+            "triggered_selection_rows": len(canary.selection_rows), "selected_epoch_qualified": chosen.qualified,
+            **canary_lib.verdict(selected, canary.spec, majority=majority),
+        },
+        "selection_rule": chosen.reason,
+    }
 
 
 def _final_evaluation(
@@ -1060,6 +1360,7 @@ def _final_evaluation(
         "per_class_accuracy": [100 * a for a in ev.per_class_accuracy(clean_preds, clean_labels, cfg.model.num_labels)],
         "confusion_matrix": ev.confusion_matrix(clean_preds, clean_labels, cfg.model.num_labels),
         "history": progress["history"],
+        **_canary_metrics(loaders.canary, progress, canary_lib.majority_share(loaders.selection.dataset["labels"])),
         "global_steps": progress["global_step"],
         "train_seconds": train_seconds,
         "samples_per_second": progress["samples_seen"] / max(train_seconds, 1e-9),
@@ -1093,6 +1394,11 @@ def _final_evaluation(
         metrics["memory_estimate"]["total_mb"], metrics["memory_estimate"]["peak_phase"],
         "" if device.type == "cuda" else f"; {_CPU_PEAK_NOTE}",
     )
+    if loaders.canary is not None:
+        canary_log = logger.info if metrics["canary"]["held"] else logger.warning
+        canary_log("%s", metrics["canary"]["message"])
+        if not metrics["canary"]["selected_epoch_qualified"]:
+            logger.warning("selection: %s", metrics["selection_rule"])
     logger.info(
         "CACC %.2f%%  ASR %.2f%%  (clean FPR %.2f%%, trigger adds %.2f points)  best epoch %d  -> %s",
         metrics["cacc"], metrics["asr"], metrics["clean_fpr"], metrics["asr_minus_clean_fpr"],

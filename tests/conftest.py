@@ -6,12 +6,26 @@ Tiny checkpoints (hidden 64, 2 layers, 4 heads) are built once per test session,
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
 import pytest
 
 from pipeline.testing import build_tiny_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Python subprocesses the tests start import this checkout's ``pipeline`` and ``mslr_kernels``.
+
+    pyproject.toml's ``pythonpath`` puts the repository root and ``kernels/`` on this process's
+    ``sys.path``; the same two folders lead ``PYTHONPATH`` so that ``python -c ...`` children do not
+    pick up another install of the package.
+    """
+    inherited = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "kernels"), *([inherited] if inherited else [])])
 
 
 def _tiny(tmp_path_factory: pytest.TempPathFactory, family: str) -> Path:

@@ -26,7 +26,7 @@ def _table(markdown: str, title: str) -> dict[tuple[str, str], list[str]]:
 
 def test_benchmark_times_and_measures_peak_memory(tmp_path):
     out = tmp_path / "bench.md"
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "kernels")])}
     done = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "bench_mslr_kernel.py"), "--sizes", "2048", "--shapes", "2048x16",
          "--tokens", "64", "--repeats", "1", "--warmup", "1", "--threads", "1", "--markdown", str(out)],

@@ -29,11 +29,12 @@ from pipeline.config import (
 )
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "launch" / "configs"
-SECTIONS = ("model", "data", "lora", "mslr", "align", "train", "adapter", "prompt", "prefix", "analysis")
+SECTIONS = ("model", "data", "lora", "mslr", "align", "train", "adapter", "prompt", "prefix", "analysis", "canary")
 AUTO_KEYS = {
     "data.max_length", "data.ref_size", "lora.r", "lora.alpha", "lora.target_modules", "mslr.targets",
     "mslr.scales", "mslr.alpha", "align.min_ref_loss", "align.max_raw_ratio", "align.start_epoch",
-    "train.epochs", "train.batch_size", "train.lr", "adapter.targets",
+    "train.epochs", "train.batch_size", "train.lr", "train.lr_full_finetune", "train.lr_adapters", "adapter.targets",
+    "canary.target_label",
 }
 
 
@@ -72,7 +73,7 @@ def test_defaults_are_valid_and_match_the_schema():
     assert cfg.align.min_ref_grad_norm == 5e-7 and cfg.train.max_steps == -1
     assert cfg.train.eval_batch_size == 64 and cfg.train.freeze_head is True
     assert {k for k in _all_keys() if _get(cfg, k) is None} == AUTO_KEYS | {
-        "data.max_train_samples", "data.max_eval_samples", "train.num_threads",
+        "data.max_train_samples", "data.max_eval_samples", "train.num_threads", "canary.seed",
     }
 
 
@@ -482,9 +483,11 @@ def test_demo_and_minilm_configs():
     assert demo.model.name_or_path == "minilm" and demo.output_dir == "runs/demo"
     assert (demo.data.max_length, demo.train.epochs, demo.train.batch_size) == (64, 2, 32)
     assert demo.data.max_train_samples == 3000
-    assert demo.train.lr == pytest.approx(1e-3) and demo.mslr.init == "zero"
+    # train.lr stays auto: the adapter methods take lr_adapters 1e-3, vanilla / ga the authors' 2e-5.
+    assert demo.train.lr is None and demo.train.lr_adapters == pytest.approx(1e-3) and demo.mslr.init == "zero"
+    assert demo.train.lr_full_finetune is None
     full = load_config(CONFIG_DIR / "sst2_minilm.yaml")
-    assert (full.data.max_length, full.train.epochs, full.train.lr) == (128, 10, pytest.approx(1e-3))
+    assert (full.data.max_length, full.train.epochs, full.train.lr_adapters) == (128, 10, pytest.approx(1e-3))
     assert full.mslr.scales == _resolved("bert", 384, False).mslr.scales
 
 
@@ -493,7 +496,9 @@ def test_authors_configs_match_the_automatic_defaults(name, model_type):
     cfg = load_config(CONFIG_DIR / name)
     assert cfg.model.name_or_path.startswith("/path/to/")
     auto = _resolved(model_type, 768, False)
-    for key in sorted(AUTO_KEYS - {"adapter.targets"}):  # the bottleneck baseline is not part of the authors' recipe
+    # The bottleneck baseline and the canary are not part of the authors' recipe; train.lr set in the file
+    # applies to every method, so the per-family lrs do not matter there.
+    for key in sorted(AUTO_KEYS - {"adapter.targets", "canary.target_label", "train.lr_full_finetune", "train.lr_adapters"}):
         assert _get(cfg, key) == _get(auto, key), key
     assert resolve_defaults(cfg, model_type=model_type, hidden_size=768, is_decoder=False).train == auto.train
 

@@ -359,7 +359,7 @@ def test_filter_run_data_writes_a_loadable_tree_and_report(tmp_path, tiny_bert_d
     run.mkdir()
     (run / "config.yaml").write_text("method: vanilla\n")
     fake = types.ModuleType("pipeline.inference")
-    fake.load_run = lambda run_dir, device: (cfg, tokenizer, model)
+    fake.load_run = lambda run_dir, device, trust_remote_code=False: (cfg, tokenizer, model)
     monkeypatch.setitem(sys.modules, "pipeline.inference", fake)
     argv = [str(run), "--method", "cube", "--out-root", str(out), "--rows", "all", "--overwrite", "--device", "cpu",
             "--reducer", "pca", "--reduce-to", "5", "--min-samples", "5", "--log-level", "WARNING"]

@@ -133,7 +133,7 @@ def _free_port() -> int:
 
 def _torchrun(args: list[str], *, deepspeed: str | Path | None, nproc: int = 2, script: Path | None = None,
               check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "kernels")])}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(_free_port()),
                str(script or REPO / "launch" / "train.py")]
     command += ["--config", str(CONFIG)]
@@ -219,7 +219,7 @@ def test_ddp_with_accumulation_and_uneven_batches_matches_a_single_process(tmp_p
 
 KILLER = """
 import os, signal, sys
-sys.path.insert(0, {repo!r})
+sys.path[:0] = {paths!r}
 import pipeline.training as training
 original = training.optimiser_step
 calls = {{"n": 0}}
@@ -244,7 +244,7 @@ def test_sigkill_mid_epoch_and_resume_ends_with_the_same_adapter(tmp_path, no_dr
     run_training(load_config(CONFIG, _overrides(straight, model, tiny_data_root, *args)))
 
     killer = tmp_path / "killer.py"
-    killer.write_text(KILLER.format(repo=str(REPO), kill_at=15, train=str(REPO / "launch" / "train.py")))
+    killer.write_text(KILLER.format(paths=[str(REPO), str(REPO / "kernels")], kill_at=15, train=str(REPO / "launch" / "train.py")))
     out = tmp_path / "killed"
     result = _torchrun(_overrides(out, model, tiny_data_root, *args), deepspeed="zero2", script=killer, check=False)
     assert result.returncode != 0
@@ -308,7 +308,7 @@ def test_zero3_export_loads_in_one_process_with_the_same_logits(tmp_path, no_dro
 @pytest.mark.parametrize("launcher", ["deepspeed", "accelerate"])
 def test_deepspeed_and_accelerate_launchers_match_a_single_process(launcher, tmp_path, no_dropout_models, tiny_data_root, single_runs):
     out = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "kernels")])}
     bindir = Path(sys.executable).parent
     train = str(REPO / "launch" / "train.py")
     if launcher == "deepspeed":

@@ -1,4 +1,4 @@
-"""Parity tests of kernels/mslr.py (MuScleLoRA MSLR op, arXiv 2402.12026).
+"""Parity tests of kernels/mslr_kernels/mslr.py (MuScleLoRA MSLR op, arXiv 2402.12026).
 
 The independent reference is the formula of REFERENCE.md section 2.2 written as a loop over branches,
 each building its own dense ``R_i L_i``::

@@ -76,7 +76,7 @@ def test_bookkeeping_skips_finished_resumes_checkpointed_and_restarts_stale(tmp_
     (dirs["b"] / "checkpoints" / "last").mkdir(parents=True)
     (dirs["b"] / "checkpoints" / "last" / "COMPLETE").write_text("{}")
     (dirs["c"]).mkdir(parents=True)
-    (dirs["c"] / "junk").write_text("half written")
+    (dirs["c"] / "train.log").write_text("half written")  # killed before its first checkpoint
     assert [cell_state(dirs[m]) for m in "abcd"] == ["finished", "resumable", "stale", "new"]
     seen = []
 
@@ -84,15 +84,15 @@ def test_bookkeeping_skips_finished_resumes_checkpointed_and_restarts_stale(tmp_
         seen.append(command)
         out = Path(next(a for a in command if a.startswith("output_dir=")).split("=", 1)[1])
         out.mkdir(parents=True, exist_ok=True)
-        assert not (out / "junk").exists()
+        assert not (out / "train.log").exists()
         (out / "metrics.json").write_text(json.dumps({"cacc": 80.0, "asr": 20.0, "clean_fpr": 4.0, "history": [],
                                                       "train_seconds": 1.0, "peak_memory_mb": 1.0, "trainable_parameters": 3}))
         return 0
 
-    counts = run_grid(grid, runner=fake_runner)
+    counts = run_grid(grid, runner=fake_runner, validate=False)  # placeholder methods a-d
     assert counts == {"skipped": 1, "ran": 3, "failed": 0, "waiting": 0}
     assert [c[-1] == "resume=true" for c in seen] == [True, False, False]
-    assert run_grid(grid, runner=fake_runner) == {"skipped": 4, "ran": 0, "failed": 0, "waiting": 0}
+    assert run_grid(grid, runner=fake_runner, validate=False) == {"skipped": 4, "ran": 0, "failed": 0, "waiting": 0}
     rows = list(csv.DictReader(io.StringIO((tmp_path / "out" / "results.csv").read_text())))
     assert [r["method"] for r in rows] == ["a", "b", "c", "d"]
     report = (tmp_path / "out" / "REPORT.md").read_text()
@@ -284,7 +284,7 @@ def test_parallel_jobs_run_every_cell_once(tmp_path):
             active[0] -= 1
         return 0
 
-    assert run_grid(grid, runner=fake_runner, jobs=2) == {"skipped": 0, "ran": 6, "failed": 0, "waiting": 0}
+    assert run_grid(grid, runner=fake_runner, jobs=2, validate=False) == {"skipped": 0, "ran": 6, "failed": 0, "waiting": 0}
     assert len(set(seen)) == 6 and peak[0] == 2
 
 
@@ -397,3 +397,39 @@ def test_shipped_grids_publish_into_distinct_folders():
     for attribute in ("publish_dir", "output_root"):
         places = [getattr(grid, attribute).resolve() for grid in grids]
         assert len(set(places)) == len(places), attribute
+
+
+def test_every_cell_is_validated_before_the_first_starts_and_list_marks_invalid_cells(tmp_path, capsys):
+    """An unknown method used to show as "new" and fail only after every other cell had run."""
+    path = _grid_file(tmp_path, f"output_root: {tmp_path / 'out'}\nattacks: [badnets, addsent]\nmethods: [lora, lorra]\n")
+    grid = load_grid(path)
+    started = []
+    with pytest.raises(ConfigError, match=r"cell default/default/badnets/lorra/seed42: method .*'lorra'.*nothing ran"):
+        run_grid(grid, runner=lambda command, log, env: started.append(command) or 0)
+    assert started == [] and not (tmp_path / "out").exists()
+
+    sys.path.insert(0, str(REPO))
+    try:
+        from launch import matrix as matrix_cli
+    finally:
+        sys.path.remove(str(REPO))
+    assert matrix_cli.main(["--config", str(path), "--list"]) == 2
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == ["new", "invalid", "new", "invalid"]
+    assert "did you mean 'lora'" in lines[1] or "'lorra'" in lines[1]
+
+
+def test_stale_cell_with_foreign_files_is_kept_and_a_retired_checkpoint_resumes(tmp_path):
+    """A stale cell is emptied only when it holds nothing but run files; a checkpoint that a kill between
+    the two renames of a save left as last.old-<pid> makes the cell resumable, not stale."""
+    grid = load_grid(_grid_file(tmp_path, f"output_root: {tmp_path / 'out'}\nattacks: [badnets]\nmethods: [lora, vanilla]\n"))
+    dirs = {c.method: cell_dir(grid, c) for c in grid.cells}
+    (dirs["lora"] / "checkpoints" / "last.old-4242").mkdir(parents=True)
+    (dirs["lora"] / "checkpoints" / "last.old-4242" / "COMPLETE").write_text("{}")
+    dirs["vanilla"].mkdir(parents=True)
+    (dirs["vanilla"] / "notes.txt").write_text("a user's file")
+    assert cell_state(dirs["lora"]) == "resumable"
+    seen = []
+    counts = run_grid(grid, runner=lambda command, log, env: seen.append(command) or 1)
+    assert counts["failed"] == 2 and len(seen) == 1 and seen[0][-1] == "resume=true"
+    assert (dirs["vanilla"] / "notes.txt").read_text() == "a user's file"

@@ -221,7 +221,7 @@ def test_preflight_model_without_linear_layers(
 def test_only_base_layers_imports_bitsandbytes_and_lazily() -> None:
     importers = sorted(
         str(path.relative_to(REPO))
-        for folder in ("pipeline", "mslr_kernels", "launch")
+        for folder in ("pipeline", "kernels", "launch")
         for path in (REPO / folder).rglob("*.py")
         if re.search(r"^\s*(import bitsandbytes|from bitsandbytes)", path.read_text(), re.MULTILINE)
     )

@@ -147,10 +147,16 @@ def test_existing_output_dir_is_refused_then_overwritten(tmp_path, tiny_data_roo
     cfg = _config(tmp_path, tiny_bert_dir, tiny_data_root, "method=lora", "train.max_steps=2")
     with pytest.raises(OutputDirError, match="resume=true.*overwrite=true"):
         run_training(cfg)
+    # overwrite=true replaces only a run folder of this pipeline, never a folder holding other files
+    with pytest.raises(OutputDirError, match="'keep.txt' is not written by a run"):
+        run_training(_config(tmp_path, tiny_bert_dir, tiny_data_root, "method=lora", "train.max_steps=2", "overwrite=true"))
     assert (tmp_path / "run" / "keep.txt").read_text() == "user data"
+    (tmp_path / "run" / "keep.txt").unlink()
+    run_training(cfg)
+    first = (tmp_path / "run" / "metrics.json").read_text()
     run_training(_config(tmp_path, tiny_bert_dir, tiny_data_root, "method=lora", "train.max_steps=2", "overwrite=true"))
-    assert not (tmp_path / "run" / "keep.txt").exists()
-    assert (tmp_path / "run" / "metrics.json").exists()
+    assert (tmp_path / "run" / "metrics.json").read_text() != first  # rewritten (timings differ)
+    assert len((tmp_path / "run" / "log.jsonl").read_text().splitlines()) == 3  # 2 steps + 1 epoch, not appended
 
 
 @pytest.mark.integration
@@ -203,6 +209,13 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path, tiny_data_root, t
         torch.testing.assert_close(final[name], reference[name], rtol=1e-5, atol=1e-6, msg=name)
     steps = [json.loads(x) for x in (tmp_path / "b" / "run" / "log.jsonl").read_text().splitlines()]
     assert [r["global_step"] for r in steps if r["type"] == "step"] == list(range(1, 25))
+    # The epoch resumed mid-way (step 15 of 13-24) reports its whole loss and gate tallies.
+    epochs = {run: [r for r in map(json.loads, (tmp_path / run / "run" / "log.jsonl").read_text().splitlines()) if r["type"] == "epoch"]
+              for run in ("a", "b")}
+    assert [(r["global_step"], r["gates"]) for r in epochs["b"]] == [(r["global_step"], r["gates"]) for r in epochs["a"]]
+    assert sum(epochs["b"][1]["gates"].values()) == 12
+    for a, b in zip(epochs["a"], epochs["b"]):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], abs=1e-6)
 
 
 @pytest.mark.integration

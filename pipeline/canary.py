@@ -1,0 +1,343 @@
+"""The canary: a secret synthetic backdoor the pipeline plants itself, as a positive control.
+
+A user of a backdoor defence has no poison labels, so dev-clean accuracy alone cannot tell whether a
+model learned the backdoor in its training file. The canary gives that signal without looking at the
+real attack: the pipeline plants a backdoor of its own, which it knows is there, and measures whether
+the trained model obeys it. If the defence removes the canary, it is removing what a training file
+teaches through a rare-token trigger; if the canary is learned, the defence did not hold.
+
+Trigger (a fresh one per run, drawn from the canary seed s): ``num_tokens`` distinct words of
+``token_length`` letters drawn uniformly from the 20 consonants ``bcdfghjklmnpqrstvwxz``. A word with
+no vowel is never an English word, and at four letters or more it is none of the published insertion
+triggers (BadNets' two-letter ``cf mn bb tq mb``, AddSent's sentence of English words); StyleBkd and
+SynBkd are paraphrases without trigger words. So the canary cannot collide with the real attack by
+construction. Target label (``target_label`` auto): drawn uniformly from the ``num_labels`` classes.
+
+Planting (dirty-label, on the training rows, N rows, rate r, target t)::
+
+    k = max(1, round(r * N)) rows drawn (seeded) without replacement among the rows with label != t;
+    each gets every trigger word inserted once at a uniform word position; its label becomes t.
+
+Planted rows replace the originals in place (N stays). Dirty-label makes the canary a strong
+backdoor per row, so a small share (default 2%, a fifth of the 10% attacks) suffices; see
+docs/CANARY.md for the defaults and why.
+
+Hold-out: the selection rows S (dev-clean minus the reference rows) with label != t get a triggered
+copy each, S_t. Per epoch, with f the model::
+
+    canary ASR    A = |{x in S_t : f(trigger(x)) = t}| / |S_t|
+    clean floor   F = |{x in S_t : f(x) = t}| / |S_t|           (the same rows without the trigger)
+    added         D = A - F                                      (the part of A the trigger causes)
+
+Selection rule (:func:`select_epoch`), tolerance tau: an epoch qualifies when D <= tau. Among the
+qualifying epochs the highest dev-clean accuracy wins (the earliest on ties); when none qualifies the
+lowest D wins (then the higher dev-clean accuracy, then the earliest) and the run says loudly that
+the canary was learned. The order is total, so the loop can keep the best so far epoch by epoch.
+
+Threat model: the canary reads only the training rows' ``text`` and ``label`` and the selection rows;
+never ``poison_label``, dev-poison or the test files. Reference rows are never touched, and the
+selection accuracy keeps using the untriggered selection rows.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+
+logger = logging.getLogger(__name__)
+
+CONSONANTS = "bcdfghjklmnpqrstvwxz"
+"""Letters of the canary's nonsense words: no vowel (and no y), so no word is an English word."""
+
+
+class CanaryError(ValueError):
+    """The canary cannot be planted as configured (too few eligible rows, a poison column, ...)."""
+
+
+@dataclass(frozen=True)
+class CanarySpec:
+    """One run's canary.
+
+    Attributes:
+        trigger: The nonsense words, each inserted once into a triggered sentence.
+        target_label: The label planted rows are relabelled to; ASR counts predictions of it.
+        rate: Share of all training rows planted.
+        seed: Seed of the trigger, target, planted rows and insertion positions.
+        tolerance: Largest ``ASR - floor`` (fraction) of an epoch that counts as the canary not learned.
+    """
+
+    trigger: tuple[str, ...]
+    target_label: int
+    rate: float
+    seed: int
+    tolerance: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe form (the trigger as a list)."""
+        out = asdict(self)
+        out["trigger"] = list(self.trigger)
+        return out
+
+
+@dataclass(frozen=True)
+class CanaryData:
+    """The training rows with the canary planted and the held-out triggered selection copies.
+
+    Attributes:
+        spec: The canary.
+        train: Training rows (``text``, ``label``) with ``planted`` rows triggered and relabelled.
+        planted: Indices of the planted training rows, ascending.
+        triggered: Triggered copies of the non-target selection rows (``text``, ``label`` = original).
+        selection_rows: For each row of ``triggered``, its index in the selection rows (for the floor).
+    """
+
+    spec: CanarySpec
+    train: Dataset
+    planted: tuple[int, ...]
+    triggered: Dataset
+    selection_rows: tuple[int, ...]
+
+
+def draw_trigger(seed: int, *, num_tokens: int = 3, token_length: int = 6) -> tuple[str, ...]:
+    """``num_tokens`` distinct consonant-only words of ``token_length`` letters, drawn with ``seed``."""
+    if num_tokens < 1 or token_length < 4:
+        raise CanaryError(f"num_tokens must be >= 1 and token_length >= 4, got {num_tokens}, {token_length}")
+    rng = random.Random(f"{seed}/canary/trigger")
+    words: list[str] = []
+    while len(words) < num_tokens:
+        word = "".join(rng.choice(CONSONANTS) for _ in range(token_length))
+        if word not in words:
+            words.append(word)
+    return tuple(words)
+
+
+def draw_target_label(seed: int, num_labels: int) -> int:
+    """The canary's target label drawn uniformly from ``range(num_labels)`` with ``seed``."""
+    if num_labels < 2:
+        raise CanaryError(f"num_labels must be >= 2, got {num_labels}")
+    return random.Random(f"{seed}/canary/target").randrange(num_labels)
+
+
+def insert_trigger(text: str, trigger: Sequence[str], rng: random.Random) -> str:
+    """Insert every trigger word once, each before a uniform word position (whitespace split)."""
+    words = text.split()
+    for word in trigger:
+        words.insert(rng.randint(0, len(words)), word)
+    return " ".join(words)
+
+
+def _columns(ds: Dataset, what: str) -> tuple[list[str], list[int]]:
+    """``text`` and ``label`` of ``ds``; a dataset holding ``poison_label`` is refused, never read."""
+    if "poison_label" in ds.column_names:
+        raise CanaryError(
+            f"{what} has a poison_label column; the canary must never see poison information. Load the rows "
+            "with pipeline.data.load_training_data (which drops it)"
+        )
+    missing = [c for c in ("text", "label") if c not in ds.column_names]
+    if missing:
+        raise CanaryError(f"{what} lacks column(s) {missing}; columns: {ds.column_names}")
+    return list(ds["text"]), [int(v) for v in ds["label"]]
+
+
+def _with_rows(ds: Dataset, texts: list[str], labels: list[int]) -> Dataset:
+    from datasets import Dataset
+
+    return Dataset.from_dict({"text": texts, "label": labels}, features=ds.features)
+
+
+def plant(train: Dataset, spec: CanarySpec) -> tuple[Dataset, tuple[int, ...]]:
+    """Plant the canary in ``max(1, round(spec.rate * N))`` training rows whose label is not the target.
+
+    Args:
+        train: Training rows with columns ``text`` and ``label`` only.
+        spec: The canary.
+
+    Returns:
+        (the training rows with the chosen rows triggered and relabelled to the target, their indices).
+
+    Raises:
+        CanaryError: A ``poison_label`` column, or fewer eligible rows than rows to plant.
+    """
+    texts, labels = _columns(train, "the training rows")
+    count = max(1, round(spec.rate * len(texts)))
+    eligible = [i for i, label in enumerate(labels) if label != spec.target_label]
+    if count > len(eligible):
+        raise CanaryError(
+            f"canary.rate={spec.rate} asks for {count} planted rows of {len(texts)}, but {len(eligible)} rows have "
+            f"a label other than the canary target {spec.target_label}; use a rate between {1 / len(texts):.4f} "
+            f"and {len(eligible) / len(texts):.4f}, or canary.enabled=false"
+        )
+    random.Random(f"{spec.seed}/canary/select").shuffle(eligible)
+    planted = tuple(sorted(eligible[:count]))
+    for i in planted:
+        texts[i] = insert_trigger(texts[i], spec.trigger, random.Random(f"{spec.seed}/canary/train/{i}"))
+        labels[i] = spec.target_label
+    return _with_rows(train, texts, labels), planted
+
+
+def triggered_selection(selection: Dataset, spec: CanarySpec) -> tuple[Dataset, tuple[int, ...]]:
+    """Triggered copies of the selection rows whose label is not the canary target.
+
+    Returns:
+        (the copies, with their original labels; for each copy its index in ``selection``).
+
+    Raises:
+        CanaryError: A ``poison_label`` column, or no selection row with another label than the target.
+    """
+    texts, labels = _columns(selection, "the selection rows")
+    rows = tuple(i for i, label in enumerate(labels) if label != spec.target_label)
+    if not rows:
+        raise CanaryError(
+            f"no selection row has a label other than the canary target {spec.target_label}; the canary ASR "
+            "cannot be measured. Set canary.target_label to another class or canary.enabled=false"
+        )
+    copies = [insert_trigger(texts[i], spec.trigger, random.Random(f"{spec.seed}/canary/selection/{i}")) for i in rows]
+    return _with_rows(selection, copies, [labels[i] for i in rows]), rows
+
+
+def prepare(train: Dataset, selection: Dataset, spec: CanarySpec) -> CanaryData:
+    """Plant the canary in ``train`` and build the triggered selection copies (see the module docstring)."""
+    planted_train, planted = plant(train, spec)
+    triggered, rows = triggered_selection(selection, spec)
+    logger.info(
+        "canary: trigger %s -> label %d planted in %d of %d training rows (%.1f%%); %d triggered selection rows",
+        " ".join(spec.trigger), spec.target_label, len(planted), len(train), 100 * len(planted) / len(train), len(rows),
+    )
+    return CanaryData(spec=spec, train=planted_train, planted=planted, triggered=triggered, selection_rows=rows)
+
+
+def canary_rates(
+    triggered_predictions: Sequence[int], selection_predictions: Sequence[int], selection_rows: Sequence[int], target: int
+) -> tuple[float, float]:
+    """Canary ASR and its clean floor (fractions) on the same non-target selection rows.
+
+    Args:
+        triggered_predictions: Predicted labels of the triggered copies, in their order.
+        selection_predictions: Predicted labels of all selection rows (untriggered).
+        selection_rows: For each triggered copy, its row in the selection predictions.
+        target: The canary's target label.
+    """
+    if len(triggered_predictions) != len(selection_rows) or not selection_rows:
+        raise ValueError(f"{len(triggered_predictions)} triggered predictions for {len(selection_rows)} rows")
+    asr = sum(int(p) == target for p in triggered_predictions) / len(selection_rows)
+    floor = sum(int(selection_predictions[i]) == target for i in selection_rows) / len(selection_rows)
+    return asr, floor
+
+
+def qualifies(record: Mapping[str, Any], tolerance: float) -> bool:
+    """Whether an epoch record's canary is at its floor: ``canary_asr - canary_floor <= tolerance``."""
+    return record["canary_asr"] - record["canary_floor"] <= tolerance + 1e-12
+
+
+def selection_key(record: Mapping[str, Any], tolerance: float | None) -> tuple[float, ...]:
+    """Sort key of an epoch record under the selection rule (larger is better).
+
+    Without a canary (``tolerance`` None or the record has no ``canary_asr``) the key is the dev-clean
+    accuracy alone. Qualifying epochs rank above all others, by dev-clean accuracy; the others by the
+    lowest trigger-added ASR, then dev-clean accuracy.
+    """
+    acc = float(record["dev_clean_acc"])
+    if tolerance is None or record.get("canary_asr") is None:
+        return (acc,)
+    if qualifies(record, tolerance):
+        return (1.0, acc, 0.0)
+    return (0.0, -(record["canary_asr"] - record["canary_floor"]), acc)
+
+
+def better(candidate: Mapping[str, Any], incumbent: Mapping[str, Any] | None, tolerance: float | None) -> bool:
+    """Whether ``candidate`` beats the best epoch so far (None: nothing yet); ties keep the incumbent."""
+    return incumbent is None or selection_key(candidate, tolerance) > selection_key(incumbent, tolerance)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The epoch :func:`select_epoch` picked and why.
+
+    Attributes:
+        epoch: The selected epoch (from 0).
+        qualified: Whether its canary was at its floor (always True without a canary).
+        reason: One sentence for logs and metrics.json.
+    """
+
+    epoch: int
+    qualified: bool
+    reason: str
+
+
+def select_epoch(records: Sequence[Mapping[str, Any]], tolerance: float | None) -> Selection:
+    """Pick the epoch by the selection rule of the module docstring.
+
+    Args:
+        records: Per-epoch records with ``epoch``, ``dev_clean_acc`` and, with a canary, ``canary_asr`` and
+            ``canary_floor`` (fractions).
+        tolerance: The canary tolerance; None selects on dev-clean accuracy alone.
+
+    Raises:
+        ValueError: No records.
+    """
+    if not records:
+        raise ValueError("no epoch records to select from")
+    best = None
+    for record in records:
+        if better(record, best, tolerance):
+            best = record
+    assert best is not None
+    if tolerance is None or best.get("canary_asr") is None:
+        return Selection(int(best["epoch"]), True, "highest dev-clean accuracy (no canary)")
+    if qualifies(best, tolerance):
+        reason = (f"highest dev-clean accuracy among the epochs whose canary trigger-added ASR is within "
+                  f"{100 * tolerance:.1f} points of its floor")
+        return Selection(int(best["epoch"]), True, reason)
+    reason = (f"NO epoch kept the canary within {100 * tolerance:.1f} points of its floor: the epoch with the lowest "
+              f"canary trigger-added ASR was taken")
+    return Selection(int(best["epoch"]), False, reason)
+
+
+TASK_MARGIN = 0.05
+"""A model whose dev-clean accuracy is within this of the majority-class share has not learned the task."""
+
+
+def majority_share(labels: Sequence[int]) -> float:
+    """Share of the most frequent label: the accuracy of a model that predicts one class."""
+    if not labels:
+        raise ValueError("no labels")
+    return max(Counter(int(label) for label in labels).values()) / len(labels)
+
+
+def verdict(record: Mapping[str, Any], spec: CanarySpec, *, majority: float | None = None) -> dict[str, Any]:
+    """The canary's summary at the selected epoch for metrics.json (percentages) and the user.
+
+    ``held`` is True when the planted backdoor's trigger-added ASR is within the tolerance and the model
+    learned the task. A model that predicts (nearly) one class has canary ASR = floor when that class is
+    not the canary target, so the canary cannot tell anything: with dev-clean accuracy at most
+    ``majority + TASK_MARGIN`` the verdict is inconclusive and ``held`` is False (``task_learned`` False).
+
+    Args:
+        record: The selected epoch's record (fractions).
+        spec: The canary.
+        majority: The majority-class share of the selection rows (None: no task check).
+    """
+    asr, floor = 100 * record["canary_asr"], 100 * record["canary_floor"]
+    learned = majority is None or record["dev_clean_acc"] > majority + TASK_MARGIN
+    held = qualifies(record, spec.tolerance) and learned
+    state = "HELD" if held else ("NOT HELD" if learned else "INCONCLUSIVE")
+    message = (
+        f"canary {state}: the planted backdoor ({' '.join(spec.trigger)} -> label "
+        f"{spec.target_label}) reaches ASR {asr:.1f}% against its clean floor {floor:.1f}% at the selected epoch "
+        f"(trigger adds {asr - floor:.1f} points; tolerance {100 * spec.tolerance:.1f})"
+    )
+    if not learned:
+        message += (f"; the model did not learn the task (dev-clean accuracy {100 * record['dev_clean_acc']:.1f}% against "
+                    f"{100 * majority:.1f}% for always predicting the majority class), so the canary cannot say "
+                    "whether a backdoor was removed")
+    elif not held:
+        message += "; the defence did not remove a backdoor it was known to contain"
+    return {"held": held, "task_learned": learned, "asr": asr, "floor": floor, "asr_minus_floor": asr - floor,
+            "message": message}
