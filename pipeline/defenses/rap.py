@@ -57,8 +57,8 @@ from pipeline.defenses.strip import (
     Counting,
     _binary_labels,
     calibrate_threshold,
-    defended_predictions,
     detection_auroc,
+    metrics_by_counting,
 )
 
 logger = logging.getLogger(__name__)
@@ -326,13 +326,8 @@ def rap_evaluate(
     poison_d, poison_preds = probability_drops(model, tokenizer, poison_texts, vector=vector, **options)
     clean_flags = (clean_preds == target_label) & (clean_d < threshold)
     poison_flags = (poison_preds == target_label) & (poison_d < threshold)
-    by_counting = {
-        rule: ev.backdoor_metrics(
-            defended_predictions(clean_preds, clean_flags, counting=rule), labels,
-            defended_predictions(poison_preds, poison_flags, counting=rule), target_label=target_label,
-        )
-        for rule in ("flip", "reject")
-    }
+    by_counting = metrics_by_counting(clean_preds, clean_flags, labels, poison_preds, poison_flags,
+                                      target_label=target_label)
     detection = {
         "threshold": threshold,
         "calibration_frr": (calibration_d < threshold).double().mean().item(),

@@ -394,6 +394,24 @@ def calibrate_threshold(
     raise ValueError(f"method must be 'quantile' or 'normal', got {method!r}")
 
 
+def metrics_by_counting(
+    clean_preds: Tensor, clean_flags: Tensor, labels: Tensor | Sequence[int], poison_preds: Tensor,
+    poison_flags: Tensor, *, target_label: int,
+) -> dict[str, dict[str, float]]:
+    """CACC / ASR / clean FPR of a detector's defended predictions under both counting rules.
+
+    Shared by the inference-time detectors (STRIP, RAP): ``{"flip": metrics, "reject": metrics}`` with
+    :func:`defended_predictions` applied to the test-clean and test-poison predictions and their flags.
+    """
+    return {
+        rule: ev.backdoor_metrics(
+            defended_predictions(clean_preds, clean_flags, counting=rule), labels,
+            defended_predictions(poison_preds, poison_flags, counting=rule), target_label=target_label,
+        )
+        for rule in ("flip", "reject")
+    }
+
+
 def defended_predictions(
     preds: Tensor | Sequence[int], flags: Tensor | Sequence[bool], *, counting: Counting
 ) -> Tensor:
@@ -522,13 +540,8 @@ def strip_evaluate(
     clean_h, poison_h = entropies(clean_texts, "test-clean"), entropies(poison_texts, "test-poison")
     clean_flags, poison_flags = clean_h < threshold, poison_h < threshold
 
-    by_counting = {
-        rule: ev.backdoor_metrics(
-            defended_predictions(clean_preds, clean_flags, counting=rule), labels,
-            defended_predictions(poison_preds, poison_flags, counting=rule), target_label=target_label,
-        )
-        for rule in ("flip", "reject")
-    }
+    by_counting = metrics_by_counting(clean_preds, clean_flags, labels, poison_preds, poison_flags,
+                                      target_label=target_label)
     detection = {
         "threshold": threshold,
         "calibration": calibration,
