@@ -5,6 +5,7 @@
     python launch/defend.py RUN_DIR --defense onion --lm /models/gpt2        # threshold 0
     python launch/defend.py RUN_DIR --defense onion --lm /models/gpt2 --threshold auto --out onion.json
     python launch/defend.py RUN_DIR --defense onion --lm smollm2 --threshold auto   # the embedded SmolLM2
+    python launch/defend.py RUN_DIR --defense onion --lm smollm2 --threshold auto --lm-cache ~/.cache/onion
     python launch/defend.py RUN_DIR --defense rap                            # RAP, paper's settings
 
 RUN_DIR is the output_dir of a finished launch/train.py run (typically method=vanilla, the undefended
@@ -18,7 +19,9 @@ Test data is never used for any of them.
 STRIP (pipeline/defenses/strip.py; binary tasks): CACC / ASR count a flagged input as the MuScleLoRA
 authors do (--counting flip: the other class than predicted) or as refused (--counting reject: a
 clean one is an error, a poison one no attack success); both are in "by_counting". ONION
-(pipeline/defenses/onion.py) needs a local causal language model (--lm, e.g. GPT-2, or smollm2).
+(pipeline/defenses/onion.py) needs a local causal language model (--lm, e.g. GPT-2, or smollm2);
+--lm-cache DIR keeps every scored sentence's perplexity on disk, so runs sharing test-clean and
+dev-clean (the attacks of one dataset) score those sentences once (threshold selection and evaluation).
 RAP (pipeline/defenses/rap.py; binary tasks) counts flagged inputs as STRIP does.
 
 Prints JSON on stdout (logs on stderr): the run's identity, the defence's settings, CACC, ASR, clean
@@ -109,6 +112,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     onion.add_argument("--lm-batch-size", type=positive_int, default=32, help="sequences per LM forward pass (default: 32)")
     onion.add_argument("--lm-max-length", type=positive_int, default=None,
                        help="LM truncation in tokens (default: the LM's position limit)")
+    onion.add_argument("--lm-cache", type=lambda text: Path(text).expanduser(), default=None, metavar="DIR",
+                       help="perplexity cache folder shared by runs and processes: sentences already scored by the "
+                            "same LM (same weights, tokenizer, --lm-max-length, device type) are not scored again; "
+                            "one <fingerprint>.json per LM (default: no cache)")
     rap = parser.add_argument_group("RAP")
     rap.add_argument("--rap-word", default="mb", help="the perturbation word inserted first (default: mb)")
     rap.add_argument("--rap-min-drop", type=open_fraction, default=0.1,
@@ -151,7 +158,13 @@ def defend_run(args: argparse.Namespace) -> dict[str, Any]:
         The JSON-serialisable report (rates in percent).
     """
     from pipeline import data as data_lib
-    from pipeline.defenses.onion import load_onion_lm, onion_evaluate, select_onion_threshold, suspicion_scores
+    from pipeline.defenses.onion import (
+        PerplexityCache,
+        load_onion_lm,
+        onion_evaluate,
+        select_onion_threshold,
+        suspicion_scores,
+    )
     from pipeline.defenses.rap import rap_evaluate
     from pipeline.defenses.strip import model_predict_proba, strip_evaluate
     from pipeline.inference import load_run, resolve_device
@@ -201,8 +214,12 @@ def defend_run(args: argparse.Namespace) -> dict[str, Any]:
         )
     else:
         lm, lm_tokenizer = load_onion_lm(args.lm, device)
+        lm_cache = None if args.lm_cache is None else PerplexityCache.for_lm(
+            args.lm_cache, lm, lm_tokenizer, max_length=args.lm_max_length
+        )
         lm_options = dict(
-            batch_size=args.lm_batch_size, device=device, max_length=args.lm_max_length, progress=progress
+            batch_size=args.lm_batch_size, device=device, max_length=args.lm_max_length, progress=progress,
+            cache=lm_cache,
         )
         threshold = args.threshold
         if threshold == "auto":
@@ -217,6 +234,8 @@ def defend_run(args: argparse.Namespace) -> dict[str, Any]:
             target_label=target, lm=lm, tokenizer=lm_tokenizer, threshold=threshold, **lm_options,
         )
         settings.update(lm=str(args.lm), threshold_rule="auto" if args.threshold == "auto" else "fixed")
+        if lm_cache is not None:
+            settings["lm_cache"] = str(lm_cache.path)
     logger.info("%s on %s: CACC %.4f  ASR %.4f", args.defense, args.run_dir, result["cacc"], result["asr"])
     return {
         "run_dir": str(args.run_dir),

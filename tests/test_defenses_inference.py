@@ -457,3 +457,26 @@ def test_cli_strip_and_onion_on_a_finished_run(vanilla_run, tiny_gpt2_dir, tmp_p
         capture_output=True, text=True, timeout=120,
     )
     assert done.returncode == 2 and "--lm" in done.stderr
+
+
+@pytest.mark.integration
+def test_cli_onion_lm_cache_scores_each_sentence_once(vanilla_run, tiny_gpt2_dir, tmp_path, capsys):
+    cli = _load_cli()
+    cache_dir = tmp_path / "lm_cache"
+    argv = [str(vanilla_run), "--defense", "onion", "--lm", str(tiny_gpt2_dir), "--device", "cpu",
+            "--threshold", "auto", "--lm-cache", str(cache_dir)]
+    assert cli.main(argv) == 0
+    first = json.loads(capsys.readouterr().out)
+    (cache_file,) = cache_dir.glob("*.json")
+    assert first["lm_cache"] == str(cache_file)
+    saved = cache_file.read_bytes()
+    entries = json.loads(saved)["perplexities"]
+    assert len(entries) > first["num_held_out"] + first["num_clean"]  # sentences and their leave-one-out variants
+    stamp = cache_file.stat().st_mtime_ns
+    assert cli.main(argv) == 0  # everything is cached: the file is not rewritten, the report is the same
+    assert json.loads(capsys.readouterr().out) == first
+    assert cache_file.read_bytes() == saved and cache_file.stat().st_mtime_ns == stamp
+    cache_file.write_text("{broken")
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert str(cache_file) in err and "delete it" in err
