@@ -235,8 +235,8 @@ def load_grid(path: str | os.PathLike[str]) -> Grid:
             continue
         for method in mapping:
             if method not in allowed:
-                problems.append(f"{path}: {name} names {method!r}, which is not in methods {axes['methods']}"
-                                + (" nor the method of one of their variants" if name == "method_overrides" and variants else ""))
+                also = " nor the method of one of their variants" if name == "method_overrides" and variants else ""
+                problems.append(f"{path}: {name} names {method!r}, which is not in methods {axes['methods']}{also}")
     if not isinstance(method_overrides, dict):
         method_overrides = {}
     derived = raw.get("derived") or {}
@@ -363,7 +363,8 @@ def _parse_variants(raw: Any, path: Path, problems: list[str]) -> dict[str, Vari
             problems.append(f"{where}.method: got {method!r}, which is not a launch/train.py method; {hint}")
         else:
             overrides = spec.get("overrides") or []
-            bad = [o for o in overrides if not isinstance(o, str) or "=" not in o] if isinstance(overrides, list) else overrides
+            listed = isinstance(overrides, list)
+            bad = [o for o in overrides if not isinstance(o, str) or "=" not in o] if listed else overrides
             if bad:
                 problems.append(f"{where}.overrides must be a list of key=value strings (e.g. align.min_ref_loss=0), "
                                 f"got {bad!r}")
