@@ -5,6 +5,7 @@
     python launch/matrix.py --config GRID --list             # cells and their state
 
 Every cell's run config is validated before the first cell starts (--list marks bad ones "invalid").
+A named variant's cells (grid key `variants:`) are listed with their launch/train.py `method=`.
 Resumable: finished cells (metrics.json) are skipped, interrupted ones resume from their checkpoint.
 Each cell is a separate launch/train.py process; its output goes to <output_root>/logs/.
 Finished cells whose settings the grid or base config has changed since are refused (nothing runs)
@@ -51,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
             state = "invalid" if problems else cell_status(grid, cell)
             changes = f"  [changed: {'; '.join(settings_changes(grid, cell))}]" if state == "changed" else ""
             why = f"  [invalid: {'; '.join(problems)}]" if problems else ""
-            print(f"{state:<10} {cell.key}  {' '.join(cell.overrides)}{changes}{why}")
+            variant = f"method={cell.train_method} " if cell.train_method and cell.source is None else ""
+            print(f"{state:<10} {cell.key}  {variant}{' '.join(cell.overrides)}{changes}{why}")
             invalid += bool(problems)
         return 2 if invalid else 0
     if args.report_only:

@@ -7,7 +7,9 @@ A grid file (YAML) names a base run config and the axes:
     datasets: [sst-2]
     models: [minilm]
     attacks: [badnets, addsent, stylebkd, synbkd]
-    methods: [vanilla, lora, musclelora]
+    methods: [vanilla, lora, musclelora, musclelora_never_raw]
+    variants:                                  # named settings of one launch/train.py method, used like methods
+      musclelora_never_raw: {method: musclelora, overrides: [align.min_ref_loss=0, align.max_raw_ratio=0]}
     seeds: [42]                                # default seeds of every method
     method_seeds: {vanilla: [42, 43, 44]}      # per-method seeds (optional)
     overrides: [train.epochs=2]                # dotted overrides for every cell
@@ -31,6 +33,26 @@ map (``launch/fourier.py``) under ``plots/frequency/`` and a section in REPORT.m
 A derived cell waits (is skipped, and picked up by the next run) until its source cell of the same
 dataset, model, attack and seed has finished.
 
+A variant (``variants: {name: {method: M, overrides: [...]}}``) is a named configuration of the training
+method ``M``, so that several settings of one method (the authors' MuScleLoRA recipe beside a candidate)
+are compared side by side in one grid. Its name is used wherever a method name is: in ``methods``,
+``method_seeds``, ``method_overrides``, ``cell_overrides`` (``match: {method: <name>}``), ``run_first`` /
+``run_last`` and a derived method's ``from:`` (STRIP, BKI, ... on the variant's model). It has its own
+cells (``cells/<dataset>/<model>/<attack>/<name>/seed<seed>``) and its own row in REPORT.md and
+results.csv (column ``method``: the name; ``train_method``: ``M``). Its cells run ``launch/train.py
+method=M`` with the overrides, in this order (a later value of a key wins):
+
+    overrides  ->  method_overrides[M]  ->  the variant's overrides  ->  method_overrides[<name>]  ->  cell_overrides
+
+so ``method_overrides[M]`` holds settings shared by ``M`` and all its variants (``M`` itself need not
+be in ``methods``), and a variant states only what it changes. A derived cell from a variant takes the
+same overrides without ``cell_overrides``, as from a method. A variant's name may not be a
+``launch/train.py`` method or a derived method, ``M`` must be a ``launch/train.py`` method (not another
+variant), and its overrides must be ``key=value`` strings that the run config accepts and that do not set
+an axis (``method``, ``seed``, ...); the grid is refused at load time otherwise, naming the file, the
+variant and the value. The variant's method and overrides are part of its cells' recorded settings
+(below): editing them makes finished cells ``changed``.
+
 Each cell is one ``launch/train.py`` process writing ``<output_root>/cells/<dataset>/<model>/<attack>/<method>/seed<seed>``.
 A cell with ``metrics.json`` is finished and skipped; a cell with a complete checkpoint resumes
 (``resume=true``); a cell directory without either is removed and started again. So a grid killed
@@ -52,12 +74,14 @@ from __future__ import annotations
 
 import concurrent.futures
 import csv
+import difflib
 import hashlib
 import io
 import itertools
 import json
 import logging
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -73,7 +97,7 @@ from typing import Any
 import yaml
 
 from pipeline import checkpoint as ckpt
-from pipeline.config import ConfigError
+from pipeline.config import METHODS, ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -82,12 +106,12 @@ REPO = Path(__file__).resolve().parents[1]  # relative paths in grid files are r
 _GRID_KEYS = {
     "base_config", "output_root", "datasets", "models", "attacks", "methods", "seeds", "method_seeds",
     "overrides", "method_overrides", "cell_overrides", "title", "notes", "derived", "run_first", "run_last", "publish_dir",
-    "discussion",
+    "discussion", "variants",
 }
 DEFENSES = ("strip", "onion", "rap")
 FILTERS = ("bki", "cube")
 CSV_FIELDS = (
-    "dataset", "model", "attack", "method", "seed", "cacc", "asr", "clean_fpr", "asr_minus_clean_fpr",
+    "dataset", "model", "attack", "method", "train_method", "seed", "cacc", "asr", "clean_fpr", "asr_minus_clean_fpr",
     "best_epoch", "dev_clean_acc", "global_steps", "train_seconds", "wall_seconds", "peak_memory_mb",
     "trainable_parameters", "canary_asr", "canary_floor", "canary_held", "gates", "run_dir",
 )
@@ -95,7 +119,12 @@ CSV_FIELDS = (
 
 @dataclass(frozen=True)
 class Cell:
-    """One training run of the grid."""
+    """One training run of the grid.
+
+    ``method`` is the name in the grid's ``methods`` (a variant's name for a variant); ``train_method`` is the
+    ``launch/train.py`` method behind a variant: of this cell when ``method`` is a variant, of its source
+    when this is a derived cell from a variant; None otherwise (``method`` or ``source`` itself).
+    """
 
     dataset: str
     model: str
@@ -105,12 +134,27 @@ class Cell:
     overrides: tuple[str, ...]
     source: str | None = None
     derived_args: tuple[str, ...] = ()
+    train_method: str | None = None
+
+    @property
+    def trained_method(self) -> str:
+        """The ``launch/train.py`` method that trained this cell's model (a derived cell: its source's)."""
+        return self.train_method or self.source or self.method
 
     @property
     def key(self) -> str:
         """Path of the cell below ``<output_root>/cells``."""
         model = Path(self.model).name or self.model
         return f"{self.dataset}/{model}/{self.attack}/{self.method}/seed{self.seed}"
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A named configuration of one ``launch/train.py`` method (the grid's ``variants:``)."""
+
+    name: str
+    method: str
+    overrides: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -128,6 +172,7 @@ class Grid:
     raw: Mapping[str, Any] = field(default_factory=dict)
     publish_dir: Path | None = None
     discussion: Path | None = None
+    variants: Mapping[str, Variant] = field(default_factory=dict)
 
 
 def _as_list(value: Any, key: str, path: Path, problems: list[str]) -> list[Any]:
@@ -178,15 +223,22 @@ def load_grid(path: str | os.PathLike[str]) -> Grid:
         if not axes[key] and key in ("attacks", "methods"):
             problems.append(f"{path}: {key} is required (a non-empty list)")
     seeds_default = axes["seeds"] or [42]
+    variants = _parse_variants(raw.get("variants"), path, problems)
     method_seeds = raw.get("method_seeds") or {}
     method_overrides = raw.get("method_overrides") or {}
-    for name, mapping in (("method_seeds", method_seeds), ("method_overrides", method_overrides)):
+    # method_overrides may also name the launch/train.py method behind a listed variant (shared settings).
+    underlying = [variants[m].method for m in axes["methods"] if m in variants]
+    for name, mapping, allowed in (("method_seeds", method_seeds, axes["methods"]),
+                                   ("method_overrides", method_overrides, [*axes["methods"], *underlying])):
         if not isinstance(mapping, dict):
             problems.append(f"{path}: {name} must map method -> list")
             continue
         for method in mapping:
-            if method not in axes["methods"]:
-                problems.append(f"{path}: {name} names {method!r}, which is not in methods {axes['methods']}")
+            if method not in allowed:
+                also = " nor the method of one of their variants" if name == "method_overrides" and variants else ""
+                problems.append(f"{path}: {name} names {method!r}, which is not in methods {axes['methods']}{also}")
+    if not isinstance(method_overrides, dict):
+        method_overrides = {}
     derived = raw.get("derived") or {}
     if not isinstance(derived, dict):
         problems.append(f"{path}: derived must map method -> {{from: method, args: [...]}}")
@@ -214,11 +266,21 @@ def load_grid(path: str | os.PathLike[str]) -> Grid:
     for method in sorted(set(run_first) & set(run_last)):
         problems.append(f"{path}: {method!r} is in both run_first and run_last")
     common = [str(o) for o in _as_list(raw.get("overrides"), "overrides", path, problems)]
-    for override in common:
-        if override.split("=", 1)[0] in ("method", "seed", "data.attack", "data.dataset", "model.name_or_path", "output_dir"):
-            problems.append(f"{path}: overrides sets {override.split('=', 1)[0]!r}, which the grid axes own; use the axis")
+    problems += _axis_problems(common, f"{path}: overrides")
+    if base.is_file():  # a variant's overrides must make a valid run config of its method
+        for variant in variants.values():
+            shared = [*common, *(str(o) for o in method_overrides.get(variant.method) or [])]
+            problems += _variant_config_problems(path, base, variant, shared)
     if problems:
         raise ConfigError(problems)
+
+    def training_overrides(method: str) -> list[str]:
+        """Overrides of a method's or variant's cells before cell_overrides (the order in the module docstring)."""
+        extra = list(common)
+        if method in variants:
+            extra += [str(o) for o in method_overrides.get(variants[method].method) or []]
+            extra += variants[method].overrides
+        return extra + [str(o) for o in method_overrides.get(method) or []]
 
     cells: list[Cell] = []
     positions: list[int] = []
@@ -232,19 +294,21 @@ def load_grid(path: str | os.PathLike[str]) -> Grid:
     ):
         method_list = method_seeds.get(method) or seeds_default
         for seed in method_list[position : position + 1]:
-            extra = list(common) + [str(o) for o in method_overrides.get(method, [])]
+            extra = training_overrides(method)
             values = {"dataset": dataset, "model": model, "attack": attack, "method": method, "seed": seed}
             for rule in cell_overrides:
                 if all(values.get(k) == v for k, v in rule["match"].items()):
                     extra += [str(o) for o in rule["overrides"]]
             spec = derived.get(method)
+            axes_of_cell = (str(dataset or "default"), str(model or "default"), str(attack), str(method), int(seed))
             if spec:  # a derived cell takes its source method's overrides (the retrained model is that method)
                 source = spec["from"]
-                extra = list(common) + [str(o) for o in method_overrides.get(source, [])]
-                cells.append(Cell(str(dataset or "default"), str(model or "default"), str(attack), str(method), int(seed),
-                                  tuple(extra), source=source, derived_args=tuple(str(a) for a in spec.get("args") or [])))
+                cells.append(Cell(*axes_of_cell, tuple(training_overrides(source)), source=source,
+                                  derived_args=tuple(str(a) for a in spec.get("args") or []),
+                                  train_method=variants[source].method if source in variants else None))
             else:
-                cells.append(Cell(str(dataset or "default"), str(model or "default"), str(attack), str(method), int(seed), tuple(extra)))
+                cells.append(Cell(*axes_of_cell, tuple(extra),
+                                  train_method=variants[method].method if method in variants else None))
             positions.append(position)
     rank = {method: i for i, method in enumerate(run_first)}
     last = set(run_last)
@@ -254,8 +318,82 @@ def load_grid(path: str | os.PathLike[str]) -> Grid:
         path=path, base_config=base, output_root=output_root, cells=tuple(cells),
         title=str(raw.get("title", "Robustness matrix")), notes=str(raw.get("notes", "")),
         methods=tuple(axes["methods"]), attacks=tuple(axes["attacks"]), raw=raw,
-        publish_dir=publish_dir, discussion=discussion,
+        publish_dir=publish_dir, discussion=discussion, variants=variants,
     )
+
+
+_AXIS_OWNED = ("method", "seed", "data.attack", "data.dataset", "model.name_or_path", "output_dir")
+_VARIANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def _axis_problems(overrides: Sequence[str], where: str) -> list[str]:
+    """Overrides that set a key the grid's axes own (``method``, ``seed``, ...)."""
+    keys = [str(o).split("=", 1)[0] for o in overrides]
+    return [f"{where} sets {key!r}, which the grid axes own; use the axis" for key in keys if key in _AXIS_OWNED]
+
+
+def _parse_variants(raw: Any, path: Path, problems: list[str]) -> dict[str, Variant]:
+    """The grid's ``variants:`` (name -> method and overrides), checked for form; problems appended."""
+    if raw is None:
+        return {}
+    form = "{method: <a launch/train.py method>, overrides: [key=value, ...]}"
+    if not isinstance(raw, dict):
+        problems.append(f"{path}: variants must map a name to {form}, got {raw!r}")
+        return {}
+    variants: dict[str, Variant] = {}
+    for name, spec in raw.items():
+        where = f"{path}: variants.{name}"
+        if not isinstance(name, str) or not _VARIANT_NAME.fullmatch(name):
+            problems.append(f"{where}: a variant's name is its cells' folder name; use letters, digits, '_', '.' "
+                            f"and '-' (got {name!r})")
+        elif name in METHODS:
+            problems.append(f"{where}: {name!r} is a launch/train.py method, so its cells and rows would collide; "
+                            f"give the variant a name of its own, e.g. {name}_<what it changes>")
+        elif name in (*DEFENSES, *FILTERS):
+            problems.append(f"{where}: {name!r} is a derived method; give the variant a name of its own")
+        elif not isinstance(spec, dict) or "method" not in spec or set(spec) - {"method", "overrides"}:
+            problems.append(f"{where} must be {form}, got {spec!r}")
+        elif spec["method"] not in METHODS:
+            method = spec["method"]
+            if method in raw:
+                hint = "a variant cannot build on another variant; give its method and copy its overrides"
+            else:
+                close = difflib.get_close_matches(str(method), METHODS, n=1)
+                hint = (f"did you mean {close[0]!r}? " if close else "") + f"use one of {', '.join(METHODS)}"
+            problems.append(f"{where}.method: got {method!r}, which is not a launch/train.py method; {hint}")
+        else:
+            overrides = spec.get("overrides") or []
+            listed = isinstance(overrides, list)
+            bad = [o for o in overrides if not isinstance(o, str) or "=" not in o] if listed else overrides
+            if bad:
+                problems.append(f"{where}.overrides must be a list of key=value strings (e.g. align.min_ref_loss=0), "
+                                f"got {bad!r}")
+                continue
+            axis = _axis_problems(overrides, f"{where}.overrides")
+            problems += [f"{p} (a variant's method is its method: key)" if "'method'" in p else p for p in axis]
+            if not axis:
+                variants[name] = Variant(name, str(spec["method"]), tuple(overrides))
+    return variants
+
+
+def _variant_config_problems(path: Path, base: Path, variant: Variant, shared: Sequence[str]) -> list[str]:
+    """What the variant's overrides break in the run config of its method (base config + ``shared`` + them).
+
+    Problems already present without the variant's overrides are left to :func:`cell_problems`.
+    """
+    from pipeline.config import load_config
+
+    def problems_of(overrides: Sequence[str]) -> list[str]:
+        try:
+            load_config(base, overrides)
+        except ConfigError as error:
+            return list(error.problems)
+        return []
+
+    before = problems_of([f"method={variant.method}", *shared])
+    after = problems_of([f"method={variant.method}", *shared, *variant.overrides])
+    return [f"{path}: variants.{variant.name}.overrides {list(variant.overrides)}: {problem}"
+            for problem in after if problem not in before]
 
 
 def cell_dir(grid: Grid, cell: Cell) -> Path:
@@ -283,7 +421,8 @@ def cell_settings(grid: Grid, cell: Cell) -> dict[str, Any]:
     """What a cell's result depends on besides its axes (recorded in its ``cell.json`` when it finishes).
 
     The base config enters parsed (``yaml.safe_load``), so editing its comments changes nothing. A derived
-    cell (STRIP, BKI, ...) also records its source cell's settings.
+    cell (STRIP, BKI, ...) also records its source cell's settings; a variant's cell its ``launch/train.py``
+    method (its overrides are in ``overrides``).
     """
     base = yaml.safe_load(grid.base_config.read_text()) if grid.base_config.is_file() else None
     settings = {
@@ -292,6 +431,8 @@ def cell_settings(grid: Grid, cell: Cell) -> dict[str, Any]:
         "source": cell.source,
         "derived_args": list(cell.derived_args),
     }
+    if cell.source is None and cell.train_method is not None:  # a variant: its method is a setting too
+        settings["variant_of"] = cell.train_method
     if cell.source is not None:  # a derived cell is stale when the run it was computed from changes
         settings["source_settings"] = cell_settings(grid, source_cell(cell))
     return settings
@@ -333,7 +474,8 @@ def cell_problems(grid: Grid, cell: Cell) -> list[str]:
     """Why a cell's run config is invalid (empty when it parses): what ``launch/train.py`` would refuse at once.
 
     A training cell's command line (base config, axes, overrides) is loaded as ``launch/train.py`` loads it;
-    a derived cell is checked through its source method's cell, whose overrides its retraining uses.
+    a derived cell is checked through its source method's cell, whose overrides its retraining uses. An
+    unknown method is also compared with the grid's variant names.
     """
     from pipeline.config import load_config
 
@@ -343,7 +485,15 @@ def cell_problems(grid: Grid, cell: Cell) -> list[str]:
     try:
         load_config(args[start + 1], args[start + 2:])
     except ConfigError as error:
-        return list(error.problems)
+        problems = list(error.problems)
+        name = target.train_method or target.method
+        if name not in METHODS and grid.variants:
+            close = difflib.get_close_matches(name, list(grid.variants), n=1)
+            hint = f"did you mean the variant {close[0]!r}? " if close else ""
+            names = ", ".join(grid.variants)
+            problems = [f"{p}; {hint}this grid's variants: {names}" if p.split(" ", 1)[0].rstrip(":") == "method" else p
+                        for p in problems]
+        return problems
     return []
 
 
@@ -356,7 +506,7 @@ def invalid_cells(grid: Grid) -> dict[Cell, list[str]]:
 def cell_command(grid: Grid, cell: Cell, run_dir: Path, *, resume: bool, python: str = sys.executable) -> list[str]:
     """The ``launch/train.py`` command line of one cell."""
     args = [python, str(REPO / "launch" / "train.py"), "--config", str(grid.base_config)]
-    axes = [f"method={cell.method}", f"seed={cell.seed}", f"data.attack={cell.attack}", f"output_dir={run_dir}"]
+    axes = [f"method={cell.train_method or cell.method}", f"seed={cell.seed}", f"data.attack={cell.attack}", f"output_dir={run_dir}"]
     if cell.dataset != "default":
         axes.append(f"data.dataset={cell.dataset}")
     if cell.model != "default":
@@ -367,7 +517,7 @@ def cell_command(grid: Grid, cell: Cell, run_dir: Path, *, resume: bool, python:
 def source_cell(cell: Cell) -> Cell:
     """The cell a derived cell is computed from (same dataset, model, attack, seed)."""
     assert cell.source is not None
-    return Cell(cell.dataset, cell.model, cell.attack, cell.source, cell.seed, cell.overrides)
+    return Cell(cell.dataset, cell.model, cell.attack, cell.source, cell.seed, cell.overrides, train_method=cell.train_method)
 
 
 def derived_commands(grid: Grid, cell: Cell, run_dir: Path, *, python: str = sys.executable) -> list[list[str]]:
@@ -377,7 +527,7 @@ def derived_commands(grid: Grid, cell: Cell, run_dir: Path, *, python: str = sys
         return [[python, str(REPO / "launch" / "defend.py"), str(source_dir), "--defense", cell.method,
                  "--out", str(run_dir / "defense.json"), *cell.derived_args]]
     data_root = run_dir / "data"
-    retrain = Cell(cell.dataset, cell.model, cell.attack, cell.source or "vanilla", cell.seed, cell.overrides)
+    retrain = source_cell(cell)
     return [
         [python, str(REPO / "launch" / "filter_data.py"), str(source_dir), "--method", cell.method,
          "--out-root", str(data_root), "--overwrite", *cell.derived_args],
@@ -559,7 +709,8 @@ def collect_rows(grid: Grid) -> list[dict[str, Any]]:
         gates = [e.get("gates", {}) for e in metrics.get("history", [])]
         canary = metrics.get("canary") or {}
         rows.append({
-            "dataset": cell.dataset, "model": cell.model, "attack": cell.attack, "method": cell.method, "seed": cell.seed,
+            "dataset": cell.dataset, "model": cell.model, "attack": cell.attack, "method": cell.method,
+            "train_method": cell.trained_method, "seed": cell.seed,
             **{k: metrics.get(k) for k in ("cacc", "asr", "clean_fpr", "asr_minus_clean_fpr", "best_epoch", "dev_clean_acc",
                                             "global_steps", "train_seconds", "peak_memory_mb", "trainable_parameters")},
             "wall_seconds": extra.get("wall_seconds"),
@@ -618,26 +769,35 @@ def summary_table(rows: Sequence[Mapping[str, Any]], methods: Sequence[str], att
 
 
 def canary_table(rows: Sequence[Mapping[str, Any]], methods: Sequence[str], attacks: Sequence[str]) -> str:
-    """Markdown: per method and attack the planted canary's ASR / clean floor at the selected epoch (mean over
-    seeds) and how many runs it held in; empty when no row has a canary."""
+    """Markdown: the selection numbers per method (or variant) and attack at the selected epoch, mean ± std over
+    seeds: dev-clean accuracy, the planted canary's ASR / clean floor, and in how many runs the canary held;
+    then dev-clean accuracy averaged over the attacks (when every attack has a row) and the runs held over
+    all of them. Empty when no row has a canary."""
     groups: dict[tuple[str, str], list[Mapping[str, Any]]] = defaultdict(list)
     for row in rows:
         if row.get("canary_asr") is not None:
             groups[(row["method"], row["attack"])].append(row)
     if not groups:
         return ""
-    lines = ["| method | " + " | ".join(f"{a}: canary ASR / floor (held)" for a in attacks) + " |",
-             "|" + "---|" * (len(attacks) + 1)]
+    lines = ["| method | " + " | ".join(f"{a}: dev-clean / canary ASR / floor (held)" for a in attacks)
+             + " | avg dev-clean | held |", "|" + "---|" * (len(attacks) + 3)]
     for method in methods:
         if not any((method, a) in groups for a in attacks):
             continue
-        cells = []
+        cells, dev_means, held_all, runs = [], [], 0, 0
         for attack in attacks:
             group = groups.get((method, attack), [])
+            if not group:
+                cells.append("-")
+                continue
+            dev = [float(r["dev_clean_acc"]) for r in group if r.get("dev_clean_acc") not in (None, "")]
+            dev_means += [statistics.mean(dev)] if dev else []
             held = sum(bool(r["canary_held"]) for r in group)
-            cells.append(f"{_fmt([float(r['canary_asr']) for r in group])} / {_fmt([float(r['canary_floor']) for r in group])} "
-                         f"({held}/{len(group)})" if group else "-")
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+            held_all, runs = held_all + held, runs + len(group)
+            cells.append(f"{_fmt(dev)} / {_fmt([float(r['canary_asr']) for r in group])} / "
+                         f"{_fmt([float(r['canary_floor']) for r in group])} ({held}/{len(group)})")
+        average = f"{statistics.mean(dev_means):.1f}" if len(dev_means) == len(attacks) else "-"
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {average} | {held_all}/{runs} |")
     return "\n".join(lines) + "\n"
 
 
@@ -719,16 +879,35 @@ def _shown(path: Path) -> str:
 
 
 def _canary_lines(rows: Sequence[Mapping[str, Any]], grid: Grid) -> list[str]:
-    """The report's canary section (docs/CANARY.md), or nothing when no finished cell planted one."""
+    """The report's selection-numbers section (dev-clean and the canary, docs/CANARY.md), or nothing when no
+    finished cell planted a canary."""
     table = canary_table(rows, grid.methods, grid.attacks)
     if not table:
         return []
     return [
-        "## Canary: the planted positive control at the selected epoch", "",
-        "Canary ASR: triggered non-target selection rows predicted as the canary's target; floor: the same rows",
-        "without the trigger. Held: the trigger adds at most canary.tolerance (docs/CANARY.md). Mean over seeds.", "",
+        "## Selection numbers: dev-clean accuracy and the canary at the selected epoch", "",
+        "What a configuration may be chosen on (no test set, no poison labels). Dev-clean: accuracy on the",
+        "dev-clean selection rows. Canary ASR: triggered non-target selection rows predicted as the canary's",
+        "target; floor: the same rows without the trigger. Held: the trigger adds at most canary.tolerance",
+        "(docs/CANARY.md); counted over seeds. Mean ± standard deviation over seeds.", "",
         table,
     ]
+
+
+def _variant_lines(grid: Grid) -> list[str]:
+    """The report's table of the named variants among the grid's methods (nothing when there are none)."""
+    used = [grid.variants[m] for m in grid.methods if m in grid.variants]
+    if not used:
+        return []
+    lines = [
+        "## Variants: named configurations of one method", "",
+        "A variant's cells run `launch/train.py method=<method>` with the shared settings, the method's",
+        "`method_overrides`, then the overrides below (then the variant's own `method_overrides` and any",
+        "`cell_overrides`; a later value of a key wins).", "",
+        "| variant | method | overrides |", "|---|---|---|",
+    ]
+    lines += [f"| {v.name} | {v.method} | {', '.join(f'`{o}`' for o in v.overrides) or '-'} |" for v in used]
+    return lines + [""]
 
 
 def grid_source(grid: Grid, method: str) -> str:
@@ -751,6 +930,7 @@ def render_report(
         "Settings shared by every cell: " + (", ".join(f"`{o}`" for o in grid.raw.get("overrides") or []) or "the base config"),
         "",
         *_unfinished_lines(grid, rows),
+        *_variant_lines(grid),
         "## CACC / ASR (clean false-positive rate) per method and attack",
         "",
         "Mean ± standard deviation over seeds. ASR counts triggered non-target test sentences predicted as the",

@@ -322,15 +322,19 @@ def test_grid_report_has_canary_columns_only_when_a_cell_planted_one():
 
     assert {"canary_asr", "canary_floor", "canary_held"} <= set(CSV_FIELDS)
     rows = [
-        {"method": "vanilla", "attack": "badnets", "canary_asr": 90.0, "canary_floor": 10.0, "canary_held": False},
-        {"method": "vanilla", "attack": "badnets", "canary_asr": 70.0, "canary_floor": 20.0, "canary_held": False},
-        {"method": "musclelora", "attack": "badnets", "canary_asr": 12.0, "canary_floor": 11.0, "canary_held": True},
+        {"method": "vanilla", "attack": "badnets", "dev_clean_acc": 88.0, "canary_asr": 90.0, "canary_floor": 10.0,
+         "canary_held": False},
+        {"method": "vanilla", "attack": "badnets", "dev_clean_acc": 86.0, "canary_asr": 70.0, "canary_floor": 20.0,
+         "canary_held": False},
+        {"method": "musclelora", "attack": "badnets", "dev_clean_acc": 80.0, "canary_asr": 12.0, "canary_floor": 11.0,
+         "canary_held": True},
     ]
     table = canary_table(rows, ["vanilla", "musclelora"], ["badnets", "addsent"])
     lines = table.splitlines()
-    assert lines[0] == "| method | badnets: canary ASR / floor (held) | addsent: canary ASR / floor (held) |"
-    assert lines[2] == "| vanilla | 80.0 ± 14.1 / 15.0 ± 7.1 (0/2) | - |"
-    assert lines[3] == "| musclelora | 12.0 / 11.0 (1/1) | - |"
+    assert lines[0] == ("| method | badnets: dev-clean / canary ASR / floor (held) | addsent: dev-clean / canary ASR / floor "
+                        "(held) | avg dev-clean | held |")
+    assert lines[2] == "| vanilla | 87.0 ± 1.4 / 80.0 ± 14.1 / 15.0 ± 7.1 (0/2) | - | - | 0/2 |"
+    assert lines[3] == "| musclelora | 80.0 / 12.0 / 11.0 (1/1) | - | - | 1/1 |"
     assert canary_table([{**rows[0], "canary_asr": None}], ["vanilla"], ["badnets"]) == ""
 
 
