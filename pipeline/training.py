@@ -1055,6 +1055,7 @@ def _run(cfg: RunConfig, runtime: dist.Runtime, ds_raw: Mapping[str, Any] | None
             handler.close()
 
 
+_NO_DEFAULT = object()
 _RESUME_IGNORED_KEYS = frozenset({"resume", "overwrite", "output_dir"})
 """Top-level config keys a resume may change: the flags, and where the folder lives (copied or moved)."""
 
@@ -1114,18 +1115,24 @@ def _check_resumable_config(output_dir: Path, resolved: dict[str, Any]) -> None:
     if not isinstance(saved, dict):
         raise ConfigError([f"{saved_path} holds {type(saved).__name__}, not the run config run_training writes"])
     ignore = _RESUME_IGNORED_KEYS
+    # A key added after the run was saved is absent from its config.yaml; at its default it is the
+    # behaviour the run was trained with (new settings default to the old behaviour), so not a change.
+    defaults = config_to_dict(RunConfig())
     diffs = []
 
-    def walk(a: Any, b: Any, prefix: str) -> None:
+    def walk(a: Any, b: Any, prefix: str, default: Any) -> None:
         if isinstance(a, dict) and isinstance(b, dict):
             for key in sorted(set(a) | set(b)):
                 if prefix == "" and key in ignore:
                     continue
-                walk(a.get(key), b.get(key), f"{prefix}{key}." if isinstance(a.get(key), dict) else f"{prefix}{key}")
+                known = default.get(key, _NO_DEFAULT) if isinstance(default, dict) else _NO_DEFAULT
+                if key not in a and known is not _NO_DEFAULT and not isinstance(known, dict) and b.get(key) == known:
+                    continue
+                walk(a.get(key), b.get(key), f"{prefix}{key}." if isinstance(a.get(key), dict) else f"{prefix}{key}", known)
         elif a != b:
             diffs.append(f"{prefix.rstrip('.')}: saved {a!r}, now {b!r}")
 
-    walk(saved, resolved, "")
+    walk(saved, resolved, "", defaults)
     if diffs:
         raise ConfigError([f"resume=true but the config differs from {saved_path}: {d}" for d in diffs])
 

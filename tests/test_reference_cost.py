@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 import pipeline.training as training
@@ -306,3 +307,38 @@ def test_resume_that_needs_a_missing_reference_cache_is_refused(tmp_path, tiny_b
     (last / ckpt.COMPLETE_MARKER).write_text(json.dumps(marker))
     with pytest.raises(ckpt.CorruptFileError, match="reference-gradient cache .*align.ref_every_steps > 1"):
         run_training(_cfg(tmp_path, tiny_bert_dir, tiny_data_root, *settings, "resume=true"))
+
+
+@pytest.mark.integration
+def test_a_run_saved_before_these_settings_resumes_unchanged(tmp_path, tiny_bert_dir, tiny_data_root, monkeypatch):
+    """A config.yaml without the two keys and a checkpoint without aligned_steps (written by the code before
+    them) resume at the defaults, to the uninterrupted run's weights; the keys set otherwise are refused."""
+    settings = ("train.max_steps=4", "train.checkpoint_every_steps=2")
+    run_training(_cfg(tmp_path / "straight", tiny_bert_dir, tiny_data_root, *settings))
+    run = tmp_path / "old"
+    original = training.optimiser_step
+    calls = {"n": 0}
+
+    def killed(**kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt("simulated kill in step 4")
+        return original(**kwargs)
+
+    monkeypatch.setattr(training, "optimiser_step", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(_cfg(run, tiny_bert_dir, tiny_data_root, *settings))
+    monkeypatch.undo()
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    del saved["align"]["ref_batch_size"], saved["align"]["ref_every_steps"]
+    (run / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    progress_path = run / "checkpoints" / "last" / ckpt.PROGRESS_FILE
+    progress = json.loads(progress_path.read_text())
+    del progress["aligned_steps"]
+    progress_path.write_text(json.dumps(progress))
+    with pytest.raises(ConfigError, match="align.ref_every_steps: saved None, now 2"):
+        run_training(_cfg(run, tiny_bert_dir, tiny_data_root, *settings, "align.ref_every_steps=2", "resume=true"))
+    run_training(_cfg(run, tiny_bert_dir, tiny_data_root, *settings, "resume=true"))
+    a, b = _adapter(tmp_path / "straight"), _adapter(run)
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    assert (_progress(run)["aligned_steps"], _progress(run)["ref_draws"]) == (4, 4)
