@@ -11,6 +11,8 @@ A training checkpoint is a directory, built under ``<name>.tmp-<pid>`` and renam
     <name>/rng.pt                  capture_rng_state()
     <name>/progress.json           epoch, step, best metrics ... (JSON)
     <name>/ranks.pt                data-parallel runs only: [{"optimizer": ..., "rng": ...} per rank]
+    <name>/reference_cache.safetensors  align.ref_every_steps > 1 only: the reference gradient the next
+                                   steps reuse (already reduced over ranks; safetensors)
     <name>/COMPLETE                written last; a directory without it is refused
 
 ``.pt`` files hold only tensors and plain Python values and are read with
@@ -54,6 +56,7 @@ OPTIMIZER_FILE = "optimizer.pt"
 RNG_FILE = "rng.pt"
 PROGRESS_FILE = "progress.json"
 RANKS_FILE = "ranks.pt"
+REFERENCE_CACHE_FILE = "reference_cache.safetensors"
 COMPLETE_MARKER = "COMPLETE"
 CHECKPOINT_FORMAT_VERSION = 1
 _CHECKPOINT_FILES = (TRAINABLE_FILE, OPTIMIZER_FILE, RNG_FILE, PROGRESS_FILE)
@@ -424,6 +427,8 @@ class TrainingState:
         rng: Generator states for :func:`restore_rng_state`.
         rank_states: For a data-parallel run, one ``{"optimizer": ..., "rng": ...}`` per rank (each
             rank's optimizer partition and generators), else None.
+        reference_cache: The cached reference gradient by parameter name when the checkpoint holds
+            one (``align.ref_every_steps`` > 1), else None.
     """
 
     trainable: dict[str, Tensor]
@@ -432,6 +437,7 @@ class TrainingState:
     progress: dict[str, Any]
     rng: dict[str, Any]
     rank_states: list[dict[str, Any]] | None = None
+    reference_cache: dict[str, Tensor] | None = None
 
 
 def _is_checkpoint_or_empty(directory: Path) -> bool:
@@ -466,6 +472,7 @@ def save_training_state(
     progress: Mapping[str, Any],
     rng: Mapping[str, Any],
     rank_states: list[Mapping[str, Any]] | None = None,
+    reference_cache: Mapping[str, Tensor] | None = None,
 ) -> None:
     """Write a resumable checkpoint directory atomically (see the module docstring for the layout).
 
@@ -479,6 +486,8 @@ def save_training_state(
         rng: Output of :func:`capture_rng_state`.
         rank_states: Per-rank optimizer partitions and generator states of a data-parallel run
             (written to ``ranks.pt``); None for one process.
+        reference_cache: The reference gradient the next steps reuse (``align.ref_every_steps`` > 1),
+            written to ``reference_cache.safetensors``; None writes no such file.
 
     Raises:
         TypeError: If a state holds a value ``torch.load(weights_only=True)`` refuses, or
@@ -516,6 +525,9 @@ def save_training_state(
         if ranks is not None:
             _atomic_torch_save(staging / RANKS_FILE, ranks)
             files.append(RANKS_FILE)
+        if reference_cache is not None:
+            save_tensors(staging / REFERENCE_CACHE_FILE, reference_cache)
+            files.append(REFERENCE_CACHE_FILE)
         atomic_write_json(staging / COMPLETE_MARKER, {"format_version": CHECKPOINT_FORMAT_VERSION, "files": files})
         replace_directory(staging, directory)
     except BaseException:
@@ -585,6 +597,10 @@ def load_training_state(
         rank_states=(
             load_torch_file(directory / RANKS_FILE, map_location=map_location, what="per-rank state")
             if RANKS_FILE in marker_record.get("files", ()) else None
+        ),
+        reference_cache=(
+            load_tensors(directory / REFERENCE_CACHE_FILE, device=map_location)
+            if REFERENCE_CACHE_FILE in marker_record.get("files", ()) else None
         ),
     )
 

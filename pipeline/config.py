@@ -25,6 +25,9 @@ and reference gradient r_p::
              rho = max_raw_ratio (epoch - start_epoch) / (epochs - start_epoch)
     grad_p = g_p                                  otherwise
 
+r_p comes from a batch of ``align.ref_batch_size`` clean reference rows (default ``train.batch_size``),
+computed every ``align.ref_every_steps`` steps and reused in between (default 1: every step).
+
 Fields whose default is ``None`` and whose help says "auto" are filled by :func:`resolve_defaults`
 from the backbone family (encoder or decoder, model type, hidden size), following the authors'
 settings tabulated in REFERENCE.md. Validation collects every problem of a configuration and raises
@@ -405,6 +408,19 @@ class AlignConfig(_Validated):
         "every step (the authors' loader, restarted per step); passes = consecutive steps walk through "
         "reshuffled passes, each reference row once per pass",
     )
+    ref_batch_size: int | None = _field(
+        None,
+        "rows per reference batch (null: train.batch_size, the authors'); at most data.ref_size. A smaller batch "
+        "makes the reference pass cheaper; its effect on ASR/CACC is not yet measured",
+        check=_bounds(gt=0, fix="use a positive number of rows, at most data.ref_size, or null for train.batch_size"),
+    )
+    ref_every_steps: int = _field(
+        1,
+        "compute the reference gradient every k aligned steps and reuse the last one (already reduced) on the "
+        "steps between; the gate still runs every step on that step's task gradient (1: every step, the authors'). "
+        "Its effect on ASR/CACC is not yet measured",
+        check=_bounds(ge=1, fix="use a whole number of steps >= 1 (1 computes the reference every step)"),
+    )
 
 
 @dataclass(frozen=True)
@@ -642,6 +658,11 @@ def _cross_problems(
                     canary["target_label"],
                 )
             )
+    align = sections.get("align")
+    if align is not None and data is not None and not {"align.ref_batch_size", "data.ref_size"} & bad_keys:
+        problem = _ref_batch_problem(align["ref_batch_size"], data["ref_size"])
+        if problem is not None:
+            problems.append(problem)
     if not {"resume", "overwrite"} & bad_keys and top.get("resume") is True and top.get("overwrite") is True:
         problems.append(
             _Problem(
@@ -652,6 +673,19 @@ def _cross_problems(
             )
         )
     return problems
+
+
+def _ref_batch_problem(ref_batch_size: int | None, ref_size: int | None) -> _Problem | None:
+    """``align.ref_batch_size`` larger than the reference set it draws from (None: unset or still auto)."""
+    if ref_batch_size is None or ref_size is None or ref_batch_size <= ref_size:
+        return None
+    return _Problem(
+        "align.ref_batch_size",
+        f"must be at most data.ref_size ({ref_size}), the rows a reference batch is drawn from",
+        f"lower align.ref_batch_size to at most {ref_size}, raise data.ref_size, or set align.ref_batch_size=null "
+        "(train.batch_size)",
+        ref_batch_size,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1229,6 +1263,9 @@ def resolve_defaults(cfg: RunConfig, *, model_type: str, hidden_size: int, is_de
                 f"mslr.scales: no default for model type {model_type!r} with hidden size {hidden_size} "
                 f"(known: {known}, decoders). Fix: set mslr.scales, e.g. mslr.scales=[1,2,4,8]"
             )
+    ref_problem = _ref_batch_problem(cfg.align.ref_batch_size, updates["data"].get("ref_size", cfg.data.ref_size))
+    if ref_problem is not None:  # data.ref_size was auto at load time: checked once it is known
+        problems.append(ref_problem.render(f"data.ref_size auto for {'decoders' if is_decoder else 'encoders'}"))
     if problems:
         raise ConfigError(problems)
     filled = [f"{s}.{k}" for s, values in updates.items() for k in values]

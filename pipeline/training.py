@@ -4,8 +4,10 @@ One optimiser step, read top to bottom in :func:`train_epoch`:
 
 1. ``g = grad mean CE(train batch)``, accumulated over ``grad_accum_steps`` micro-batches.
 2. For alignment methods, ``r = grad mean CE(reference batch)`` on one batch of the clean reference
-   set (model in train mode, same batch size), computed with ``torch.autograd.grad`` so ``.grad``
-   stays the task gradient.
+   set (model in train mode, ``align.ref_batch_size`` rows, default the training batch size), computed
+   with ``torch.autograd.grad`` so ``.grad`` stays the task gradient. With ``align.ref_every_steps = k
+   > 1`` only aligned steps n with ``n % k == 0`` compute r (and the reference loss); the steps between
+   reuse the last computed, already reduced r, which checkpoints keep for a resume.
 3. ``grad = align_gradients(g, r, gates...)``: per tensor ``|<g,r>| / ||r||^2 * r`` or the gated
    raw-gradient mix (REFERENCE.md section 2.3).
 4. Non-finite check, global-norm clipping, AdamW step, linear schedule step.
@@ -335,6 +337,60 @@ def reference_batch(
     """The ``draw``-th reference batch, collated (the same one on every world size)."""
     rows = reference_indices(len(dataset), batch_size, seed=seed, draw=draw, sampling=sampling)
     return collate([dataset[i] for i in rows])
+
+
+def reference_batch_size(cfg: RunConfig) -> int:
+    """Rows per reference batch: ``align.ref_batch_size``, or ``train.batch_size`` when it is null."""
+    return cfg.align.ref_batch_size if cfg.align.ref_batch_size is not None else cfg.train.batch_size
+
+
+def reference_is_fresh(aligned_steps: int, every: int) -> bool:
+    """Whether the step after ``aligned_steps`` aligned steps computes its reference gradient (``align.ref_every_steps``)."""
+    return aligned_steps % every == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class ReferenceCache:
+    """The last computed reference gradient, reused by the steps between two fresh ones (``align.ref_every_steps``).
+
+    Attributes:
+        grads: the reference gradient per trainable tensor, already summed over ranks (full tensors,
+            fp32, identical on every rank): what :func:`align_gradients` received on the fresh step.
+        loss: the global mean reference loss of that batch (the gate's ``ref_loss``).
+        draw: the reference draw it was computed from.
+    """
+
+    grads: dict[str, torch.Tensor]
+    loss: float
+    draw: int
+
+    def progress_record(self) -> dict[str, Any]:
+        """The JSON part saved in the checkpoint's progress (the tensors go to a safetensors file)."""
+        return {"loss": self.loss, "draw": self.draw}
+
+    @classmethod
+    def restore(
+        cls, grads: Mapping[str, torch.Tensor] | None, record: Mapping[str, Any] | None, names: Sequence[str],
+        *, device: torch.device, where: Path,
+    ) -> ReferenceCache:
+        """The cache saved by a checkpoint, checked against the trainable tensor names.
+
+        Raises:
+            ckpt.CorruptFileError: the checkpoint lacks the cache or its tensors do not fit this model.
+        """
+        if grads is None or record is None:
+            raise ckpt.CorruptFileError(
+                f"{where} holds no reference-gradient cache ({ckpt.REFERENCE_CACHE_FILE}), but this run reuses one "
+                "(align.ref_every_steps > 1) at the step it resumes; resume it with the configuration it was written with, "
+                "or start a new run"
+            )
+        missing, unexpected = sorted(set(names) - set(grads)), sorted(set(grads) - set(names))
+        if missing or unexpected:
+            raise ckpt.CorruptFileError(
+                f"{where / ckpt.REFERENCE_CACHE_FILE} does not fit this model: missing {missing[:5]} unexpected "
+                f"{unexpected[:5]}; resume it with the configuration it was written with, or start a new run"
+            )
+        return cls(grads={n: grads[n].to(device) for n in names}, loss=float(record["loss"]), draw=int(record["draw"]))
 
 
 def local_rows(rows: Sequence[int], runtime: dist.Runtime) -> tuple[list[int], float]:
@@ -721,15 +777,23 @@ def optimiser_step(
     epoch: int,
     global_step: int,
     loss_sum: float,
+    reuse: ReferenceCache | None = None,
 ) -> dict[str, Any]:
     """Alignment hook, checks and the update, after the task gradients are accumulated.
 
     Args:
+        ref_draw: which reference batch to draw (:func:`reference_indices`) when the step computes one.
         loss_sum: this rank's sum of training losses over its rows of the step (summed over ranks
             here, in the same collective as the gradients).
+        reuse: alignment methods: the reference gradient and loss to align to instead of computing
+            them (``align.ref_every_steps`` > 1, between two fresh steps); None computes them from
+            reference draw ``ref_draw``.
 
     Returns:
-        The step's log record (``loss_sum`` is the global sum).
+        The step's log record (``loss_sum`` is the global sum; ``ref_fresh`` says whether the step
+        computed its reference gradient; with ``align.ref_every_steps`` > 1 a fresh step adds
+        ``reference_cache``, the :class:`ReferenceCache` for the steps that reuse it, which the caller
+        pops before logging).
     """
     runtime = engine.runtime
     collectives_before, collective_seconds_before = engine.collectives, engine.collective_seconds
@@ -737,24 +801,35 @@ def optimiser_step(
     extra: dict[str, torch.Tensor] = {"loss_sum": torch.tensor([loss_sum], device=runtime.device)}
     params = engine.params
     if uses_alignment(cfg.method):
-        rows = reference_indices(
-            len(reference), cfg.train.batch_size, seed=cfg.seed, draw=ref_draw, sampling=cfg.align.ref_sampling
-        )
-        mine, weight = local_rows(rows, runtime)
-        ref_batch = _to_device(collate([reference[i] for i in mine]), runtime.device)
-        # This rank's share of the global mean reference loss; the shares are summed across ranks.
-        share = batch_loss(engine.model, ref_batch) * (weight * len(mine) / len(rows))
-        ref_grads = torch.autograd.grad(share, list(params.values()), allow_unused=True)
-        for name, grad in zip(params, ref_grads):
-            extra[f"ref/{name}"] = grad if grad is not None else torch.zeros_like(params[name])
-        extra["ref_loss"] = share.detach().reshape(1)
+        if reuse is None:
+            rows = reference_indices(
+                len(reference), reference_batch_size(cfg), seed=cfg.seed, draw=ref_draw, sampling=cfg.align.ref_sampling
+            )
+            mine, weight = local_rows(rows, runtime)
+            ref_batch = _to_device(collate([reference[i] for i in mine]), runtime.device)
+            # This rank's share of the global mean reference loss; the shares are summed across ranks.
+            share = batch_loss(engine.model, ref_batch) * (weight * len(mine) / len(rows))
+            ref_grads = torch.autograd.grad(share, list(params.values()), allow_unused=True)
+            for name, grad in zip(params, ref_grads):
+                extra[f"ref/{name}"] = grad if grad is not None else torch.zeros_like(params[name])
+            extra["ref_loss"] = share.detach().reshape(1)
         task, reduced = engine.reduce_gradients(extra, include_task=True)
-        ref_loss = float(reduced["ref_loss"])
+        if reuse is None:
+            keep = cfg.align.ref_every_steps > 1  # k = 1 keeps nothing past the step (no copy, no memory)
+            current = ReferenceCache(
+                grads={name: reduced[f"ref/{name}"].clone() if keep else reduced[f"ref/{name}"] for name in params},
+                loss=float(reduced["ref_loss"]), draw=ref_draw,
+            )
+            if keep:
+                record["reference_cache"] = current  # popped by the loop: the cache of the next steps
+        else:
+            current = reuse
+        ref_loss = current.loss
         if not math.isfinite(ref_loss):
             raise NonFiniteError(f"step {global_step}: reference loss is {ref_loss}")
         result = align_gradients(
             task,
-            {name: reduced[f"ref/{name}"] for name in params},
+            current.grads,
             ref_loss=ref_loss,
             min_ref_loss=cfg.align.min_ref_loss,
             min_ref_grad_norm=cfg.align.min_ref_grad_norm,
@@ -768,8 +843,9 @@ def optimiser_step(
             bad = [n for n, g in result.grads.items() if not torch.isfinite(g).all()]
             raise NonFiniteError(f"step {global_step}: gradient norm is {total} (non-finite in {bad[:5]})")
         engine.set_gradients(result.grads)
-        record["cosine_by_group"] = group_cosines(task, {name: reduced[f"ref/{name}"] for name in params})
+        record["cosine_by_group"] = group_cosines(task, current.grads)
         record.update(
+            ref_fresh=reuse is None,
             ref_loss=ref_loss,
             gate=result.gate,
             raw_weight=result.raw_weight,
@@ -979,6 +1055,7 @@ def _run(cfg: RunConfig, runtime: dist.Runtime, ds_raw: Mapping[str, Any] | None
             handler.close()
 
 
+_NO_DEFAULT = object()
 _RESUME_IGNORED_KEYS = frozenset({"resume", "overwrite", "output_dir"})
 """Top-level config keys a resume may change: the flags, and where the folder lives (copied or moved)."""
 
@@ -1038,18 +1115,24 @@ def _check_resumable_config(output_dir: Path, resolved: dict[str, Any]) -> None:
     if not isinstance(saved, dict):
         raise ConfigError([f"{saved_path} holds {type(saved).__name__}, not the run config run_training writes"])
     ignore = _RESUME_IGNORED_KEYS
+    # A key added after the run was saved is absent from its config.yaml; at its default it is the
+    # behaviour the run was trained with (new settings default to the old behaviour), so not a change.
+    defaults = config_to_dict(RunConfig())
     diffs = []
 
-    def walk(a: Any, b: Any, prefix: str) -> None:
+    def walk(a: Any, b: Any, prefix: str, default: Any) -> None:
         if isinstance(a, dict) and isinstance(b, dict):
             for key in sorted(set(a) | set(b)):
                 if prefix == "" and key in ignore:
                     continue
-                walk(a.get(key), b.get(key), f"{prefix}{key}." if isinstance(a.get(key), dict) else f"{prefix}{key}")
+                known = default.get(key, _NO_DEFAULT) if isinstance(default, dict) else _NO_DEFAULT
+                if key not in a and known is not _NO_DEFAULT and not isinstance(known, dict) and b.get(key) == known:
+                    continue
+                walk(a.get(key), b.get(key), f"{prefix}{key}." if isinstance(a.get(key), dict) else f"{prefix}{key}", known)
         elif a != b:
             diffs.append(f"{prefix.rstrip('.')}: saved {a!r}, now {b!r}")
 
-    walk(saved, resolved, "")
+    walk(saved, resolved, "", defaults)
     if diffs:
         raise ConfigError([f"resume=true but the config differs from {saved_path}: {d}" for d in diffs])
 
@@ -1090,7 +1173,7 @@ def _train_and_evaluate(
     log_path = output_dir / _LOG_FILE
     checkpoint_dir = output_dir / _CHECKPOINT_DIR
     progress: dict[str, Any] = {
-        "epoch": 0, "step_in_epoch": 0, "global_step": 0, "ref_draws": 0, "world_size": runtime.world_size,
+        "epoch": 0, "step_in_epoch": 0, "global_step": 0, "ref_draws": 0, "aligned_steps": 0, "world_size": runtime.world_size,
         "best_epoch": -1, "best_dev_clean_acc": -1.0, "history": [], "train_seconds": 0.0, "samples_seen": 0,
     }
     progress["data_fingerprints"] = {"train": dataset_fingerprint(loaders.train), "reference": dataset_fingerprint(loaders.reference)}
@@ -1151,12 +1234,21 @@ def _train_and_evaluate(
     scheduler = get_linear_schedule_with_warmup(
         engine.optimizer, num_warmup_steps=int(cfg.train.warmup_ratio * total_steps), num_training_steps=total_steps
     )
+    aligned = uses_alignment(cfg.method)
+    ref_cache: ReferenceCache | None = None
     if state is not None:
         mine = state.rank_states[runtime.rank] if state.rank_states is not None else {"optimizer": state.optimizer_state, "rng": state.rng}
         engine.load_optimizer_state(mine["optimizer"])
         scheduler.load_state_dict(state.scheduler_state)
         ckpt.restore_rng_state(mine["rng"])
         progress.update(state.progress)
+        if "aligned_steps" not in state.progress:  # written before align.ref_every_steps: every step aligned
+            progress["aligned_steps"] = progress["global_step"] if aligned else 0
+        if aligned and not reference_is_fresh(progress["aligned_steps"], cfg.align.ref_every_steps):
+            ref_cache = ReferenceCache.restore(
+                state.reference_cache, state.progress.get("reference_cache"), list(params),
+                device=runtime.device, where=checkpoint_dir / _LAST,
+            )
         if main:
             _truncate_log(log_path, progress["global_step"], progress["epoch"])
             frequency.truncate_frequency_records(output_dir, progress["global_step"])
@@ -1170,6 +1262,10 @@ def _train_and_evaluate(
     def save_checkpoint() -> None:
         progress["epoch_tally"] = tally.state()
         progress["divergence"] = guard.state()
+        # align.ref_every_steps > 1: the steps after a resume reuse the cached reference gradient.
+        keep_cache = ref_cache is not None and cfg.align.ref_every_steps > 1
+        if keep_cache:
+            progress["reference_cache"] = ref_cache.progress_record()
         trainable = engine.full_parameters()
         rank_state = {"optimizer": engine.optimizer_state(), "rng": ckpt.capture_rng_state()}
         rank_states = dist.gather_objects(runtime, rank_state)
@@ -1182,6 +1278,7 @@ def _train_and_evaluate(
                 progress=progress,
                 rng=rank_state["rng"],
                 rank_states=rank_states if runtime.distributed else None,
+                reference_cache=ref_cache.grads if keep_cache else None,
             )
         dist.barrier(runtime)
 
@@ -1217,12 +1314,18 @@ def _train_and_evaluate(
                 # This rank's share of the global mean over the step's rows (ranks are averaged).
                 engine.backward(loss * (weight * len(mine) / rows * engine.loss_scale), boundary=position == len(group) - 1)
                 loss_sum += loss.item() * len(mine) * weight
+            fresh = not aligned or reference_is_fresh(progress["aligned_steps"], cfg.align.ref_every_steps)
+            assert fresh or ref_cache is not None, "a reused reference step without a cached reference gradient"
             record = optimiser_step(
                 engine=engine, scheduler=scheduler, cfg=cfg, reference=loaders.reference, collate=loaders.collate,
                 ref_draw=progress["ref_draws"], epoch=epoch, global_step=progress["global_step"], loss_sum=loss_sum,
+                reuse=None if fresh else ref_cache,
             )
             record["step_seconds"] = time.perf_counter() - step_started
-            progress["ref_draws"] += 1 if uses_alignment(cfg.method) else 0
+            if "reference_cache" in record:
+                ref_cache = record.pop("reference_cache")
+            progress["ref_draws"] += 1 if aligned and fresh else 0
+            progress["aligned_steps"] += 1 if aligned else 0
             progress["global_step"] += 1
             progress["step_in_epoch"] += 1
             progress["samples_seen"] += rows

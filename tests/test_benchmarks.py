@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -72,3 +75,23 @@ def test_tiny_checkpoint_builder_takes_a_benchmark_shape(tmp_path):
     assert (path / "tokenizer.json").is_file()
     with pytest.raises(ValueError, match="unknown keys \\['layers'\\]"):
         build_tiny_checkpoint("llama", tmp_path / "x", shape={"layers": 3})
+
+
+@pytest.mark.integration
+def test_reference_cost_benchmark_times_each_cell_and_counts_fresh_steps(tmp_path, tiny_bert_dir, tiny_data_root, capsys):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import bench_reference_cost
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    results = bench_reference_cost.main([
+        "--out", str(tmp_path), "--model", str(tiny_bert_dir), "--batch-size", "4", "--max-length", "16", "--warmup", "1",
+        "--steps", "4", "--eval-samples", "8", "--cells", "lora", "musclelora k=2", "musclelora ref batch 8",
+        "--set", f"data.root={tiny_data_root}", "data.dataset=toy", "data.ref_size=8", "mslr.scales=[1,2,4]",
+    ])
+    assert [r["timed_steps"] for r in results] == [4, 4, 4]
+    assert [r["fresh_reference_steps"] for r in results] == [0, 2, 4]
+    assert all(r["mean_s"] > 0 for r in results)
+    table = capsys.readouterr().out
+    assert "| lora | " in table and "| musclelora k=2 | " in table and "| 2 of 4 |" in table
+    assert json.loads((tmp_path / "results.json").read_text()) == results

@@ -73,7 +73,7 @@ def test_defaults_are_valid_and_match_the_schema():
     assert cfg.align.min_ref_grad_norm == 5e-7 and cfg.train.max_steps == -1
     assert cfg.train.eval_batch_size == 64 and cfg.train.freeze_head is True
     assert {k for k in _all_keys() if _get(cfg, k) is None} == AUTO_KEYS | {
-        "data.max_train_samples", "data.max_eval_samples", "train.num_threads", "canary.seed",
+        "data.max_train_samples", "data.max_eval_samples", "train.num_threads", "canary.seed", "align.ref_batch_size",
     }
 
 

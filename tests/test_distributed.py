@@ -343,3 +343,20 @@ def test_nf4_base_under_zero_matches_a_single_process(stage, tmp_path, no_dropou
     # Only adapters trained: the frozen 4-bit base is not in the adapter file.
     saved = load_file(str(out / "adapter" / "adapter.safetensors"))
     assert saved and not any(name.endswith("q_proj.base_layer.weight") for name in saved)
+
+
+@pytest.mark.distributed
+@pytest.mark.integration
+@pytest.mark.parametrize("deepspeed", [None, "zero2", "zero3"])
+def test_one_row_reference_batch_reused_every_other_step_matches_a_single_process(deepspeed, tmp_path, no_dropout_models,
+                                                                                 tiny_data_root):
+    """align.ref_batch_size=1 on 2 ranks (rank 1 has no reference row: it runs one at weight 0) with
+    align.ref_every_steps=2 (the reused steps reduce only the task gradient): the same run as one process."""
+    extra = ("train.max_steps=4", "align.ref_batch_size=1", "align.ref_every_steps=2")
+    single = tmp_path / "single"
+    run_training(load_config(CONFIG, _overrides(single, no_dropout_models["bert"], tiny_data_root, *extra)))
+    out = tmp_path / "multi"
+    _torchrun(_overrides(out, no_dropout_models["bert"], tiny_data_root, *extra), deepspeed=deepspeed)
+    _assert_same_run(single, out)
+    assert [r["ref_fresh"] for r in _steps(out)] == [True, False, True, False]
+    assert json.loads((out / "checkpoints" / "last" / "progress.json").read_text())["ref_draws"] == 2
