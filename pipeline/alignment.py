@@ -7,7 +7,8 @@ the gradient of a clean reference batch, both flattened:
 
 i.e. the length of g_p's projection onto r_p, always pointed along r_p: a gradient that opposes the
 clean direction still yields a step along it. Tensors with ||g_p|| = 0 or ||r_p|| = 0 have no defined
-direction to align to; they keep g_p unchanged (the authors leave them unaligned too).
+direction to align to; with ``fallback="raw"`` (the default) they keep g_p unchanged (the authors leave
+them unaligned too).
 
 A gate then picks the update (REFERENCE.md section 2.3, in this order), with
 mean_ref_norm = mean of ||r_p|| over the tensors whose reference norm is non-zero:
@@ -15,10 +16,26 @@ mean_ref_norm = mean of ||r_p|| over the tensors whose reference norm is non-zer
     if mean_ref_norm > min_ref_grad_norm and ref_loss > min_ref_loss:  grad_p = a_p            ("align")
     elif max_raw_ratio > 0 and epoch >= start_epoch:                   grad_p = (1 - rho) a_p + rho g_p
          rho = max_raw_ratio * (epoch - start_epoch) / (epochs - start_epoch)                ("mix")
-    else:                                                              grad_p = g_p            ("raw")
+    else, fallback = "raw" (default, the authors'):                    grad_p = g_p            ("raw")
+    else, fallback = "skip":                                           grad_p = 0              ("skip")
 
 With the default thresholds (0) the first branch reads "align whenever the reference gradient is
 non-zero"; ``ref_loss=None`` skips the loss test.
+
+``fallback="skip"`` never hands the raw (possibly poisoned) task gradient back by default: besides
+replacing the "raw" gate by a zero update, it changes the tensors with ||r_p|| = 0 inside the other
+gates:
+
+    gate     ||r_p|| > 0                   ||r_p|| = 0, fallback="raw"   ||r_p|| = 0, fallback="skip"
+    align    a_p                           g_p                           0
+    mix      (1 - rho) a_p + rho g_p       g_p                           rho g_p
+    raw      g_p                           g_p                           (gate is "skip": 0 everywhere)
+
+The mix gate's rho g_p part stays: mixing in the task gradient is an explicit choice (max_raw_ratio > 0),
+and only the part that would stand in for the missing projection is dropped. A zero update is still
+handed to the optimiser, which still steps: AdamW's momentum (from earlier non-zero updates) and its
+decoupled weight decay still move the weights, the learning-rate schedule advances, and nothing about
+the step count changes (a fresh optimiser with weight_decay = 0 leaves the weights unchanged).
 
 The computation is split in two so that a data-parallel or ZeRO caller can reduce the per-tensor
 statistics across ranks in a single collective before applying them:
@@ -38,14 +55,17 @@ import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, get_args
 
 import torch
 from torch import Tensor
 
 logger = logging.getLogger(__name__)
 
-Gate = Literal["align", "mix", "raw"]
+Gate = Literal["align", "mix", "raw", "skip"]
+GATES: tuple[str, ...] = get_args(Gate)
+Fallback = Literal["raw", "skip"]
+FALLBACKS: tuple[str, ...] = get_args(Fallback)
 
 
 @dataclass(frozen=True)
@@ -54,12 +74,15 @@ class AlignResult:
 
     Attributes:
         grads: The gradient to apply per parameter name, in the task gradient's dtype. For the "raw"
-            gate (and for tensors left unaligned) these are the task tensors themselves, not copies.
-        gate: Which branch was taken: "align" (pure projection), "mix" or "raw" (task gradient).
-        raw_weight: rho, the weight of the task gradient: 0 for "align", 1 for "raw".
+            gate (and for tensors left unaligned) these are the task tensors themselves, not copies;
+            for the "skip" gate (and zero-reference tensors under ``fallback="skip"``) new zero tensors.
+        gate: Which branch was taken: "align" (pure projection), "mix", "raw" (task gradient) or
+            "skip" (zero update; only with ``fallback="skip"``).
+        raw_weight: rho, the weight of the task gradient: 0 for "align" and "skip", 1 for "raw".
         mean_cosine: Mean of cos(g_p, r_p) over tensors with both norms > 0 (0.0 when there is none).
         mean_ref_norm: Mean of ||r_p|| over tensors with a non-zero reference norm (0.0 when none).
-        num_aligned: Number of tensors replaced by or mixed with their projection (0 for "raw").
+        num_aligned: Number of tensors replaced by or mixed with their projection (0 for "raw" and
+            "skip").
     """
 
     grads: dict[str, Tensor]
@@ -204,6 +227,9 @@ def raw_weight_schedule(*, max_raw_ratio: float, epoch: int, start_epoch: int, e
         epoch: Current epoch, counted from 0, at least ``start_epoch``.
         start_epoch: First epoch of the ramp.
         epochs: Total number of epochs.
+        fallback: What replaces "align" and "mix" when neither fires, and what a tensor with
+            ||r_p|| = 0 gets inside them: "raw" (default, the authors') the task gradient g_p; "skip"
+            a zero update (the mix gate keeps its rho g_p part). See the module docstring.
 
     Returns:
         rho in [0, max_raw_ratio] (larger only if ``epoch`` runs past ``epochs``).
@@ -213,7 +239,11 @@ def raw_weight_schedule(*, max_raw_ratio: float, epoch: int, start_epoch: int, e
     return float(max_raw_ratio) * (epoch - start_epoch) / (epochs - start_epoch)
 
 
-def _check_gate_arguments(max_raw_ratio: float, epoch: int, start_epoch: int, epochs: int) -> None:
+def _check_gate_arguments(max_raw_ratio: float, epoch: int, start_epoch: int, epochs: int, fallback: str) -> None:
+    if fallback not in FALLBACKS:
+        raise ValueError(
+            f"gradient alignment: fallback must be one of {', '.join(repr(f) for f in FALLBACKS)}, got {fallback!r}"
+        )
     if not 0.0 <= max_raw_ratio <= 1.0:
         raise ValueError(
             f"gradient alignment: max_raw_ratio must lie in [0, 1], got {max_raw_ratio}"
@@ -237,6 +267,7 @@ def apply_alignment(
     epoch: int = 0,
     start_epoch: int = 0,
     epochs: int = 1,
+    fallback: Fallback = "raw",
 ) -> AlignResult:
     """Pick the gate and build the update from (possibly all-reduced) statistics.
 
@@ -255,15 +286,18 @@ def apply_alignment(
         epoch: Current epoch, counted from 0.
         start_epoch: First epoch in which the "mix" gate may fire.
         epochs: Total number of epochs.
+        fallback: What replaces "align" and "mix" when neither fires, and what a tensor with
+            ||r_p|| = 0 gets inside them: "raw" (default, the authors') the task gradient g_p; "skip"
+            a zero update (the mix gate keeps its rho g_p part). See the module docstring.
 
     Returns:
         The update and diagnostics.
 
     Raises:
-        ValueError: On mismatched names/shapes, statistics of the wrong length, or gate arguments
-            out of range.
+        ValueError: On mismatched names/shapes, statistics of the wrong length, gate arguments
+            out of range, or an unknown ``fallback``.
     """
-    _check_gate_arguments(max_raw_ratio, epoch, start_epoch, epochs)
+    _check_gate_arguments(max_raw_ratio, epoch, start_epoch, epochs, fallback)
     names = _checked_names(task, reference)
     for field, values in zip(statistics._fields, statistics, strict=True):
         if values.shape != (len(names),):
@@ -287,11 +321,15 @@ def apply_alignment(
         rho = raw_weight_schedule(
             max_raw_ratio=max_raw_ratio, epoch=epoch, start_epoch=start_epoch, epochs=epochs
         )
+    elif fallback == "skip":
+        gate, rho = "skip", 0.0
     else:
         gate, rho = "raw", 1.0
 
     grads: dict[str, Tensor] = {name: task[name] for name in names}
-    if gate != "raw":
+    if gate == "skip":
+        grads = {name: torch.zeros_like(task[name]) for name in names}
+    elif gate != "raw":
         for i in both:
             name = names[i]
             g, r = task[name], reference[name]
@@ -301,7 +339,12 @@ def apply_alignment(
             else:
                 aligned = torch.add(g.detach() * rho, r.detach(), alpha=(1.0 - rho) * coefficient)
             grads[name] = aligned.to(g.dtype)
-    num_aligned = 0 if gate == "raw" else len(both)
+        if fallback == "skip":  # no projection to stand in for: drop g_p (the mix gate keeps rho g_p)
+            for i in range(len(names)):
+                if ref_sq[i] == 0:
+                    g = task[names[i]]
+                    grads[names[i]] = torch.zeros_like(g) if gate == "align" else (g.detach() * rho).to(g.dtype)
+    num_aligned = len(both) if gate in ("align", "mix") else 0
     logger.debug(
         "alignment gate=%s rho=%.4f mean_cos=%.4f mean_ref_norm=%.3e aligned=%d/%d",
         gate, rho, mean_cosine, mean_ref_norm, num_aligned, len(names),
@@ -327,11 +370,13 @@ def align_gradients(
     epoch: int = 0,
     start_epoch: int = 0,
     epochs: int = 1,
+    fallback: Fallback = "raw",
 ) -> AlignResult:
     """Align the task gradient to the clean reference gradient (single process).
 
     Called with just the two dicts it returns the pure alignment a_p for every tensor with non-zero
-    task and reference norms (the others keep g_p). See the module docstring for the gates.
+    task and reference norms (the others keep g_p with the default ``fallback="raw"``). See the module
+    docstring for the gates.
 
     Args:
         task: Gradient of the training loss per parameter name (accumulated over micro-batches).
@@ -343,13 +388,16 @@ def align_gradients(
         epoch: Current epoch, counted from 0.
         start_epoch: First epoch in which the "mix" gate may fire (authors: 1).
         epochs: Total number of epochs.
+        fallback: What replaces "align" and "mix" when neither fires, and what a tensor with
+            ||r_p|| = 0 gets inside them: "raw" (default, the authors') the task gradient g_p; "skip"
+            a zero update (the mix gate keeps its rho g_p part). See the module docstring.
 
     Returns:
         The update and diagnostics.
 
     Raises:
-        ValueError: If the names differ, a shape differs, a value is None, or a gate argument is out
-            of range.
+        ValueError: If the names differ, a shape differs, a value is None, a gate argument is out
+            of range, or ``fallback`` is unknown.
         TypeError: If a value is not a tensor.
     """
     return apply_alignment(
@@ -363,4 +411,5 @@ def align_gradients(
         epoch=epoch,
         start_epoch=start_epoch,
         epochs=epochs,
+        fallback=fallback,
     )

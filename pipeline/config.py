@@ -23,7 +23,11 @@ and reference gradient r_p::
                                                      and ref_loss > min_ref_loss
     grad_p = (1 - rho) a_p + rho g_p              elif max_raw_ratio > 0 and epoch >= start_epoch,
              rho = max_raw_ratio (epoch - start_epoch) / (epochs - start_epoch)
-    grad_p = g_p                                  otherwise
+    grad_p = g_p                                  otherwise, align.fallback = raw (default, the authors')
+    grad_p = 0                                    otherwise, align.fallback = skip (the optimiser still steps)
+
+With ``align.fallback = skip`` a tensor with r_p = 0 also gets 0 instead of g_p inside the first branch
+(rho g_p inside the second); see pipeline/alignment.py.
 
 r_p comes from a batch of ``align.ref_batch_size`` clean reference rows (default ``train.batch_size``),
 computed every ``align.ref_every_steps`` steps and reused in between (default 1: every step).
@@ -401,6 +405,13 @@ class AlignConfig(_Validated):
     start_epoch: int | None = _field(
         None, "auto (1 encoders, 0 decoders): first epoch (from 0) of the mixed branch",
         check=_bounds(ge=0), auto=True,
+    )
+    fallback: Literal["raw", "skip"] = _field(
+        "raw",
+        "what a step gets when neither the aligned nor the mixed branch fires, and what a tensor with a zero "
+        "reference gradient gets inside them: raw = the task gradient (the authors'); skip = a zero update (the "
+        "optimiser still steps: AdamW momentum and weight decay still move the weights; the mixed branch keeps "
+        "its raw-ratio share of the task gradient)",
     )
     ref_sampling: Literal["fresh", "passes"] = _field(
         "fresh",

@@ -9,7 +9,8 @@ One optimiser step, read top to bottom in :func:`train_epoch`:
    > 1`` only aligned steps n with ``n % k == 0`` compute r (and the reference loss); the steps between
    reuse the last computed, already reduced r, which checkpoints keep for a resume.
 3. ``grad = align_gradients(g, r, gates...)``: per tensor ``|<g,r>| / ||r||^2 * r`` or the gated
-   raw-gradient mix (REFERENCE.md section 2.3).
+   raw-gradient mix (REFERENCE.md section 2.3); with ``align.fallback = skip`` a zero update where
+   the gates would hand back the raw gradient (gate "skip"; the optimiser still steps).
 4. Non-finite check, global-norm clipping, AdamW step, linear schedule step.
 
 Each epoch ends with accuracy on the selection split (dev-clean minus the reference rows) and, with
@@ -52,7 +53,7 @@ from pipeline.adapters import base_layers, inject
 from pipeline.adapters.bottleneck import default_bottleneck_targets, inject_bottleneck
 from pipeline.adapters.prefix import apply_prefix_tuning, word_prefix_input
 from pipeline.adapters.state import adapter_tensor_names, load_adapter, save_adapter
-from pipeline.alignment import align_gradients
+from pipeline.alignment import GATES, align_gradients
 from pipeline.config import (
     ConfigError,
     RunConfig,
@@ -837,6 +838,7 @@ def optimiser_step(
             epoch=epoch,
             start_epoch=cfg.align.start_epoch,
             epochs=cfg.train.epochs,
+            fallback=cfg.align.fallback,
         )
         total = math.sqrt(sum(float(g.double().pow(2).sum()) for g in result.grads.values()))
         if not math.isfinite(total):
@@ -924,9 +926,8 @@ def _tensorboard_step(writer: Any, record: Mapping[str, Any], step: int) -> None
                 if isinstance(number, (int, float)):
                     writer.add_scalar(f"train/{key}/{sub}", number, step)
     if "gate" in record:
-        writer.add_scalar("train/gate_align", float(record["gate"] == "align"), step)
-        writer.add_scalar("train/gate_mix", float(record["gate"] == "mix"), step)
-        writer.add_scalar("train/gate_raw", float(record["gate"] == "raw"), step)
+        for gate in GATES:  # align, mix, raw, skip: exactly one is 1 per step
+            writer.add_scalar(f"train/gate_{gate}", float(record["gate"] == gate), step)
 
 
 def evaluate_split(model: nn.Module, loader: DataLoader, runtime: dist.Runtime, desc: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from pipeline.alignment import GATES
 from pipeline.config import load_config
 from pipeline.training import open_tensorboard, run_training
 
@@ -50,10 +51,10 @@ def test_alignment_run_writes_telemetry_and_dev_clean_accuracy(tmp_path, tiny_da
         assert scalars[tag] == pytest.approx(logged, rel=1e-6, abs=1e-7), tag  # event files store float32
     assert all(v > 0 for v in scalars["train/ref_loss"].values())
     assert all(-1.0 <= v <= 1.0 for v in scalars["train/cosine_by_group/mslr"].values())
-    for gate in ("align", "mix", "raw"):
+    for gate in GATES:  # align, mix, raw, skip
         assert scalars[f"train/gate_{gate}"] == {r["global_step"]: float(r["gate"] == gate) for r in steps}
     for step in (r["global_step"] for r in steps):  # exactly one gate is on per step
-        assert sum(scalars[f"train/gate_{g}"][step] for g in ("align", "mix", "raw")) == 1.0
+        assert sum(scalars[f"train/gate_{g}"][step] for g in GATES) == 1.0
 
     history = metrics["history"]
     assert [h["epoch"] for h in history] == [0, 1]
