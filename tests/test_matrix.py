@@ -387,7 +387,7 @@ def test_shipped_grid_files_load_and_every_training_cell_is_a_valid_run_config(n
             continue  # derived cells (STRIP, BKI, CUBE) run their own entry points on the source run
         args = cell_command(grid, cell, Path("unused-run-dir"), resume=False)
         cfg = load_config(args[args.index("--config") + 1], args[args.index("--config") + 2:])
-        assert (cfg.method, cfg.seed, cfg.data.attack) == (cell.method, cell.seed, cell.attack)
+        assert (cfg.method, cfg.seed, cfg.data.attack) == (cell.trained_method, cell.seed, cell.attack)
 
 
 def test_shipped_grids_publish_into_distinct_folders():
