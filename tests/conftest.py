@@ -117,3 +117,23 @@ def tiny_data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
         _write_csv(folder / f"{split}-clean.csv", clean)
         _write_csv(folder / f"{split}-poison.csv", [(_trigger(t), 1, 1) for t, label, _ in clean if label == 0])
     return root
+
+
+@pytest.fixture
+def reference_draws(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
+    """Every reference batch the training loop draws, in order: {batch_size, draw, sampling, rows}.
+
+    Wraps ``pipeline.training.reference_indices`` (the real function still picks the rows).
+    """
+    from pipeline import training
+
+    calls: list[dict] = []
+    original = training.reference_indices
+
+    def recording(num_rows, batch_size, *, seed, draw, sampling="fresh"):
+        rows = original(num_rows, batch_size, seed=seed, draw=draw, sampling=sampling)
+        calls.append({"batch_size": batch_size, "draw": draw, "sampling": sampling, "rows": rows})
+        return rows
+
+    monkeypatch.setattr(training, "reference_indices", recording)
+    return calls

@@ -10,7 +10,6 @@ from collections import Counter
 
 import pytest
 
-from pipeline import training
 from pipeline.config import ConfigError, load_config
 from pipeline.training import epoch_batches, reference_indices, run_training
 
@@ -46,16 +45,7 @@ def test_ref_sampling_config_default_override_and_error():
 
 @pytest.mark.integration
 @pytest.mark.parametrize("sampling", ["fresh", "passes"])
-def test_training_step_draws_reference_rows_with_the_configured_sampling(sampling, tmp_path, tiny_data_root, tiny_bert_dir, monkeypatch):
-    calls = []
-    original = training.reference_indices
-
-    def recording(num_rows, batch_size, *, seed, draw, sampling="fresh"):
-        rows = original(num_rows, batch_size, seed=seed, draw=draw, sampling=sampling)
-        calls.append((draw, sampling, rows))
-        return rows
-
-    monkeypatch.setattr(training, "reference_indices", recording)
+def test_training_step_draws_reference_rows_with_the_configured_sampling(sampling, tmp_path, tiny_data_root, tiny_bert_dir, reference_draws):
     cfg = load_config(None, [
         f"output_dir={tmp_path / 'run'}", f"model.name_or_path={tiny_bert_dir}", f"data.root={tiny_data_root}",
         "data.dataset=toy", "data.attack=badnets", "data.max_length=16", "data.ref_size=8", "train.epochs=1",
@@ -63,6 +53,7 @@ def test_training_step_draws_reference_rows_with_the_configured_sampling(samplin
         "method=musclelora", f"align.ref_sampling={sampling}",
     ])
     run_training(cfg)
-    assert [draw for draw, _, _ in calls] == [0, 1, 2]
-    assert all(s == sampling for _, s, _ in calls)
-    assert [rows for _, _, rows in calls] == [original(8, 4, seed=cfg.seed, draw=d, sampling=sampling) for d in range(3)]
+    assert [c["draw"] for c in reference_draws] == [0, 1, 2]
+    assert all(c["sampling"] == sampling for c in reference_draws)
+    assert [c["rows"] for c in reference_draws] == [
+        reference_indices(8, 4, seed=cfg.seed, draw=d, sampling=sampling) for d in range(3)]

@@ -51,18 +51,9 @@ def _progress(run: Path) -> dict:
     return json.loads((run / "checkpoints" / "last" / "progress.json").read_text())
 
 
-def _record_draws(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int, list[int]]]:
-    """(batch size asked, draw, rows) of every reference batch the loop draws."""
-    calls: list[tuple[int, int, list[int]]] = []
-    original = training.reference_indices
-
-    def recording(num_rows, batch_size, *, seed, draw, sampling="fresh"):
-        rows = original(num_rows, batch_size, seed=seed, draw=draw, sampling=sampling)
-        calls.append((batch_size, draw, rows))
-        return rows
-
-    monkeypatch.setattr(training, "reference_indices", recording)
-    return calls
+def _triples(reference_draws: list[dict]) -> list[tuple[int, int, list[int]]]:
+    """(batch size asked, draw, rows) of every reference batch recorded by the ``reference_draws`` fixture."""
+    return [(c["batch_size"], c["draw"], c["rows"]) for c in reference_draws]
 
 
 @pytest.fixture(scope="module")
@@ -147,14 +138,13 @@ def test_a_reference_batch_smaller_than_the_world_size_sums_to_the_single_proces
 
 
 @pytest.mark.integration
-def test_unset_settings_equal_their_defaults_spelt_out(tmp_path, tiny_bert_dir, tiny_data_root, monkeypatch):
-    draws = _record_draws(monkeypatch)
+def test_unset_settings_equal_their_defaults_spelt_out(tmp_path, tiny_bert_dir, tiny_data_root, reference_draws):
     run_training(_cfg(tmp_path / "unset", tiny_bert_dir, tiny_data_root, "train.max_steps=4"))
-    unset_draws = list(draws)
-    draws.clear()
+    unset_draws = _triples(reference_draws)
+    reference_draws.clear()
     run_training(_cfg(tmp_path / "explicit", tiny_bert_dir, tiny_data_root, "train.max_steps=4",
                       "align.ref_every_steps=1", "align.ref_batch_size=8"))
-    assert draws == unset_draws == [(8, d, reference_indices(8, 8, seed=42, draw=d)) for d in range(4)]
+    assert _triples(reference_draws) == unset_draws == [(8, d, reference_indices(8, 8, seed=42, draw=d)) for d in range(4)]
     a, b = _adapter(tmp_path / "unset"), _adapter(tmp_path / "explicit")
     assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
     assert all(r["ref_fresh"] is True for r in _steps(tmp_path / "unset"))
@@ -164,8 +154,8 @@ def test_unset_settings_equal_their_defaults_spelt_out(tmp_path, tiny_bert_dir, 
 
 
 @pytest.mark.integration
-def test_ref_batch_size_draws_batches_of_that_many_rows(tmp_path, tiny_bert_dir, tiny_data_root, monkeypatch):
-    draws = _record_draws(monkeypatch)
+def test_ref_batch_size_draws_batches_of_that_many_rows(tmp_path, tiny_bert_dir, tiny_data_root, monkeypatch,
+                                                        reference_draws):
     forwards: list[int] = []
     original = training.batch_loss
 
@@ -176,6 +166,7 @@ def test_ref_batch_size_draws_batches_of_that_many_rows(tmp_path, tiny_bert_dir,
     monkeypatch.setattr(training, "batch_loss", counting)
     run_training(_cfg(tmp_path, tiny_bert_dir, tiny_data_root, "train.max_steps=4", "train.batch_size=4",
                       "data.ref_size=16", "align.ref_batch_size=8", "align.ref_sampling=passes"))
+    draws = _triples(reference_draws)
     assert [(size, draw) for size, draw, _ in draws] == [(8, d) for d in range(4)]
     assert [rows for _, _, rows in draws] == [reference_indices(16, 8, seed=42, draw=d, sampling="passes") for d in range(4)]
     assert sorted(draws[0][2] + draws[1][2]) == list(range(16))  # one pass: every reference row once
@@ -217,12 +208,12 @@ class _Spy:
 
 
 @pytest.mark.integration
-def test_every_second_step_reuses_the_previous_reference_gradient(tmp_path, no_dropout_bert, tiny_data_root, monkeypatch):
-    draws = _record_draws(monkeypatch)
+def test_every_second_step_reuses_the_previous_reference_gradient(tmp_path, no_dropout_bert, tiny_data_root, monkeypatch,
+                                                                  reference_draws):
     spy = _Spy(monkeypatch)
     run_training(_cfg(tmp_path, no_dropout_bert, tiny_data_root, "train.max_steps=6", "align.ref_every_steps=2"))
     # The reference forward runs on half the steps, on the same draws as k=1's first three steps.
-    assert [draw for _, draw, _ in draws] == [0, 1, 2]
+    assert [draw for _, draw, _ in _triples(reference_draws)] == [0, 1, 2]
     assert [s["fresh"] for s in spy.steps] == [True, False] * 3
     progress = _progress(tmp_path)
     assert (progress["ref_draws"], progress["aligned_steps"]) == (3, 6)
