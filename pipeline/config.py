@@ -578,6 +578,12 @@ class CanaryConfig(_Validated):
     seed: int | None = _field(
         None, "seed of the trigger, target and planted rows (null: the run's seed)", check=_bounds(ge=0, lt=2**32),
     )
+    select: bool = _field(
+        True,
+        "use the canary in epoch selection (the highest dev-clean accuracy among epochs whose canary held); false: "
+        "select on dev-clean accuracy alone, as an undefended user would, while the canary is still planted, "
+        "measured every epoch and reported (e.g. for the vanilla baseline of a comparison)",
+    )
 
 
 @dataclass(frozen=True)

@@ -1381,7 +1381,7 @@ def _train_and_evaluate(
                     epoch, 100 * dev_acc, 100 * dev_asr, dict(tally.gates),
                     f", canary ASR {100 * epoch_record['canary_asr']:.2f}% (floor {100 * epoch_record['canary_floor']:.2f}%)"
                     if loaders.canary is not None else "")
-        tolerance = loaders.canary.spec.tolerance if loaders.canary is not None else None
+        tolerance = _selection_tolerance(cfg, loaders.canary)
         incumbent = next((r for r in progress["history"] if r["epoch"] == progress["best_epoch"]), None)
         if canary_lib.better(epoch_record, incumbent, tolerance):
             progress["best_dev_clean_acc"] = dev_acc
@@ -1406,23 +1406,34 @@ def _train_and_evaluate(
     )
 
 
-def _canary_metrics(canary: canary_lib.CanaryData | None, progress: Mapping[str, Any], majority: float) -> dict[str, Any]:
+def _canary_metrics(canary: canary_lib.CanaryData | None, progress: Mapping[str, Any], majority: float,
+                    select: bool = True) -> dict[str, Any]:
     """metrics.json's ``canary`` block and ``selection_rule`` (percentages; ``canary.enabled`` false without one).
 
     ``majority``: the majority-class share of the selection rows (the verdict is inconclusive at about it).
+    ``select``: whether the canary took part in the epoch selection (``canary.select``).
     """
     if canary is None:
         return {"canary": {"enabled": False}, "selection_rule": "highest dev-clean accuracy (canary disabled)"}
-    chosen = canary_lib.select_epoch(progress["history"], canary.spec.tolerance)
+    tolerance = canary.spec.tolerance if select else None
+    chosen = canary_lib.select_epoch(progress["history"], tolerance)
     selected = next(r for r in progress["history"] if r["epoch"] == progress["best_epoch"])
+    reason = chosen.reason if select else (
+        "highest dev-clean accuracy (canary.select=false: the canary is measured and reported, not used for selection)")
     return {
         "canary": {
             "enabled": True, **canary.spec.to_dict(), "planted_rows": len(canary.planted),
-            "triggered_selection_rows": len(canary.selection_rows), "selected_epoch_qualified": chosen.qualified,
+            "triggered_selection_rows": len(canary.selection_rows), "used_for_selection": select,
+            "selected_epoch_qualified": canary_lib.qualifies(selected, canary.spec.tolerance),
             **canary_lib.verdict(selected, canary.spec, majority=majority),
         },
-        "selection_rule": chosen.reason,
+        "selection_rule": reason,
     }
+
+
+def _selection_tolerance(cfg: RunConfig, canary: canary_lib.CanaryData | None) -> float | None:
+    """The canary tolerance the epoch selection uses; None (dev-clean alone) without a canary or with canary.select false."""
+    return canary.spec.tolerance if canary is not None and cfg.canary.select else None
 
 
 def _final_evaluation(
@@ -1464,7 +1475,8 @@ def _final_evaluation(
         "per_class_accuracy": [100 * a for a in ev.per_class_accuracy(clean_preds, clean_labels, cfg.model.num_labels)],
         "confusion_matrix": ev.confusion_matrix(clean_preds, clean_labels, cfg.model.num_labels),
         "history": progress["history"],
-        **_canary_metrics(loaders.canary, progress, canary_lib.majority_share(loaders.selection.dataset["labels"])),
+        **_canary_metrics(loaders.canary, progress, canary_lib.majority_share(loaders.selection.dataset["labels"]),
+                          select=cfg.canary.select),
         "global_steps": progress["global_step"],
         "train_seconds": train_seconds,
         "samples_per_second": progress["samples_seen"] / max(train_seconds, 1e-9),

@@ -242,12 +242,27 @@ def test_short_run_with_a_learned_canary_says_the_defence_did_not_hold(tmp_path,
     assert metrics["canary"]["held"] is False and metrics["canary"]["selected_epoch_qualified"] is False
 
 
+def test_select_false_picks_on_dev_clean_alone_and_still_reports_the_canary(tmp_path, tiny_data_root, tiny_bert_dir,
+                                                                             monkeypatch):
+    _learned_at({0, 1, 2}, monkeypatch)  # learned every epoch: with select=true the rule would fall back to the lowest
+    cfg = _tiny_cfg(tmp_path, tiny_bert_dir, tiny_data_root, "train.epochs=3", "method=lora", "canary.select=false")
+    metrics = training.run_training(cfg)
+    devs = [r["dev_clean_acc"] for r in metrics["history"]]
+    assert metrics["best_epoch"] == devs.index(max(devs))
+    assert metrics["selection_rule"].startswith("highest dev-clean accuracy (canary.select=false")
+    canary = metrics["canary"]
+    assert canary["used_for_selection"] is False and canary["selected_epoch_qualified"] is False
+    assert canary["held"] is False and canary["asr"] == pytest.approx(100.0)
+    assert all("canary_asr" in r for r in metrics["history"])
+
+
 # ----------------------------------------------------------------------------- config wiring, turning it off
 
 
 def test_config_wiring_and_auto_values():
     cfg = load_config(None, ["canary.rate=0.03", "canary.num_tokens=2", "canary.tolerance=0.1", "seed=5"])
     assert (cfg.canary.enabled, cfg.canary.rate, cfg.canary.num_tokens, cfg.canary.tolerance) == (True, 0.03, 2, 0.1)
+    assert cfg.canary.select is True and load_config(None, ["canary.select=false"]).canary.select is False
     resolved = resolve_defaults(cfg, model_type="bert", hidden_size=384, is_decoder=False)
     assert resolved.canary.seed == 5 and resolved.canary.target_label == canary_lib.draw_target_label(5, 2)
     fixed = resolve_defaults(load_config(None, ["canary.seed=9", "canary.target_label=0"]), model_type="bert",
