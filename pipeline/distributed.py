@@ -571,6 +571,30 @@ class Engine:
             else:
                 p.grad.copy_(value.to(p.grad.dtype))
 
+    def parameter_norm(self) -> float:
+        """Global L2 norm of the full trainable parameters: the same number on every rank, under every backend.
+
+        Each tensor's norm is taken in its own dtype (no full-precision copy of a large weight). Under ZeRO-3
+        a rank holds only its slice of each flattened, padded parameter (``ds_tensor``): the squared norms of
+        the slices (padding excluded) are summed over ranks in one scalar all-reduce (the divergence guard's,
+        not counted in the step's ``collectives``). Elsewhere every rank holds whole parameters: no communication.
+        Not finite -> ``inf``.
+        """
+        with torch.no_grad():
+            if self._ds is None or self.zero_stage < 3:
+                norms = [torch.linalg.vector_norm(p.detach()).float() for p in self.params.values() if p.numel()]
+                total = float(torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]))) if norms else 0.0
+            else:
+                square = torch.zeros((), dtype=torch.float64, device=self.runtime.device)
+                for p in self.params.values():
+                    local = p.ds_tensor.detach().flatten()
+                    numel = max(0, min(local.numel(), p.ds_numel - self.runtime.rank * local.numel()))
+                    if numel:
+                        square += torch.linalg.vector_norm(local[:numel]).double().pow(2).to(square.device)
+                torch.distributed.all_reduce(square)
+                total = math.sqrt(float(square))
+        return total if math.isfinite(total) else float("inf")
+
     def nonfinite_parameters(self) -> list[str]:
         """Names whose gradient piece on THIS rank has a NaN/inf (no communication: the training loop
         sums the flag over ranks in its one per-step all-reduce)."""

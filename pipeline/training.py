@@ -502,19 +502,6 @@ class DivergenceGuard:
             )
 
 
-def trainable_norm(params: Mapping[str, nn.Parameter]) -> float:
-    """Global L2 norm of the trainable parameters (of this rank's copies; ZeRO-3 placeholders count 0).
-
-    One norm per tensor in its own dtype (no full-precision copy of a large weight), one host sync.
-    """
-    with torch.no_grad():
-        norms = [torch.linalg.vector_norm(p.detach()).float() for p in params.values() if p.numel()]
-        if not norms:
-            return 0.0
-        total = float(torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms])))
-    return total if math.isfinite(total) else float("inf")
-
-
 def load_trainable_state(params: Mapping[str, nn.Parameter], state: Mapping[str, torch.Tensor]) -> None:
     """Copy ``state`` into ``params``; key sets must match exactly."""
     missing = sorted(set(params) - set(state))
@@ -1258,7 +1245,7 @@ def _train_and_evaluate(
     tally = EpochTally.from_state(progress.get("epoch_tally") if progress["step_in_epoch"] > 0 else None)
     guard = DivergenceGuard(num_labels=cfg.model.num_labels, **progress.get("divergence", {}))
     if guard.initial_param_norm is None:
-        guard.initial_param_norm = trainable_norm(params)
+        guard.initial_param_norm = engine.parameter_norm()
 
     def save_checkpoint() -> None:
         progress["epoch_tally"] = tally.state()
@@ -1332,8 +1319,9 @@ def _train_and_evaluate(
             progress["samples_seen"] += rows
             progress["step_collectives"] = progress.get("step_collectives", 0) + record["collectives"]
             train_loss = record.pop("loss_sum") / rows
+            record["param_norm"] = engine.parameter_norm()
             guard.check(step=progress["global_step"] - 1, epoch=epoch, loss=train_loss, grad_norm=record["grad_norm"],
-                        param_norm=trainable_norm(params), lr=record["lr"])
+                        param_norm=record["param_norm"], lr=record["lr"])
             tally.add(train_loss, record.get("gate"))
             bar.update(1)
             bar.set_postfix(loss=f"{train_loss:.4f}", **({"ref": f"{record['ref_loss']:.3f}", "gate": record["gate"]} if "gate" in record else {}))
