@@ -1,0 +1,127 @@
+"""Check a recipe against issue 11's targets from a grid's results.csv (launch/matrix.py output).
+
+    python benchmarks/recipe_targets.py --results runs/recipe_eval/results.csv --recipe never_raw_ref384 \\
+        --baseline vanilla --controls ref_only_384 vanilla_clean_data musclelora
+
+Targets (issue 11 step 3), averaged over the attacks: the part of ASR the trigger adds (ASR minus the clean
+false-positive rate) at most ``--max-added`` points (5), and CACC within ``--max-cacc-drop`` points (2) of the
+baseline, while the baseline's attacks bite (its trigger-added ASR at least ``--min-baseline-added``, 20).
+Each attack's number is first averaged over that method's seeds, then the attacks are averaged (every attack
+counts once, whatever its number of seeds). Only attacks where the recipe and the baseline both have finished
+seeds count; the table says how many seeds each cell has. Controls are printed beside, not judged.
+
+Prints a markdown table (per attack: mean +- sd over seeds of CACC, ASR, clean FPR, trigger-added ASR) and the
+verdict per target. Reads only results.csv: test numbers, used for the report, never for a choice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import statistics
+import sys
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+METRICS = ("cacc", "asr", "clean_fpr", "asr_minus_clean_fpr")
+
+
+def load(path: Path) -> dict[tuple[str, str], list[dict[str, float]]]:
+    """(method, attack) -> one dict of METRICS per finished seed."""
+    if not path.is_file():
+        raise SystemExit(f"error: {path} does not exist. Fix: pass the results.csv of a grid (launch/matrix.py)")
+    out: dict[tuple[str, str], list[dict[str, float]]] = defaultdict(list)
+    with path.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        missing = [c for c in ("method", "attack", "seed", *METRICS) if c not in (reader.fieldnames or [])]
+        if missing:
+            raise SystemExit(f"error: {path} lacks the column(s) {', '.join(missing)}. Fix: pass a grid's results.csv")
+        for line, row in enumerate(reader, start=2):
+            try:
+                out[(row["method"], row["attack"])].append({m: float(row[m]) for m in METRICS})
+            except ValueError as error:
+                raise SystemExit(f"error: {path}:{line}: {error}. Fix: rebuild results.csv with launch/matrix.py") from None
+    return out
+
+
+def _mean(values: Sequence[float]) -> float:
+    return statistics.fmean(values)
+
+
+def _fmt(values: Sequence[float]) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{_mean(values):.1f} ± {statistics.stdev(values):.1f}"
+
+
+def evaluate(rows: dict[tuple[str, str], list[dict[str, float]]], recipe: str, baseline: str, *,
+             max_added: float = 5.0, max_cacc_drop: float = 2.0, min_baseline_added: float = 20.0) -> dict:
+    """Per-attack means and the three target checks over the attacks both methods finished."""
+    attacks = sorted({a for (m, a) in rows if m == recipe} & {a for (m, a) in rows if m == baseline})
+    if not attacks:
+        raise SystemExit(f"error: no attack has finished cells of both {recipe!r} and {baseline!r}. "
+                         f"Fix: check the method names (column 'method') or let the grid run longer")
+
+    def per_attack(method: str, metric: str) -> list[float]:
+        return [_mean([r[metric] for r in rows[(method, a)]]) for a in attacks]
+
+    added = _mean(per_attack(recipe, "asr_minus_clean_fpr"))
+    drop = _mean(per_attack(baseline, "cacc")) - _mean(per_attack(recipe, "cacc"))
+    bite = _mean(per_attack(baseline, "asr_minus_clean_fpr"))
+    return {
+        "attacks": attacks, "recipe_added": added, "cacc_drop": drop, "baseline_added": bite,
+        "added_ok": added <= max_added, "cacc_ok": drop <= max_cacc_drop, "bites": bite >= min_baseline_added,
+        "per_attack_added": dict(zip(attacks, per_attack(recipe, "asr_minus_clean_fpr"))),
+        "per_attack_drop": {a: b - r for a, b, r in zip(attacks, per_attack(baseline, "cacc"), per_attack(recipe, "cacc"))},
+    }
+
+
+def markdown(rows: dict[tuple[str, str], list[dict[str, float]]], methods: Sequence[str], attacks: Sequence[str]) -> str:
+    """Per method and attack: CACC / ASR / clean FPR / trigger-added ASR (mean ± sd over seeds, n seeds)."""
+    lines = ["| method | attack | seeds | CACC | ASR | clean FPR | ASR - clean FPR |", "|---|---|---|---|---|---|---|"]
+    for method in methods:
+        for attack in attacks:
+            group = rows.get((method, attack), [])
+            if group:
+                lines.append(f"| {method} | {attack} | {len(group)} | "
+                             + " | ".join(_fmt([r[m] for r in group]) for m in METRICS) + " |")
+        means = [[_mean([r[m] for r in rows[(method, a)]]) for a in attacks if rows.get((method, a))] for m in METRICS]
+        if means[0]:
+            lines.append(f"| **{method}** | mean of {len(means[0])} attacks | | "
+                         + " | ".join(f"**{_mean(v):.1f}**" for v in means) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--results", type=Path, required=True, help="a grid's results.csv")
+    p.add_argument("--recipe", required=True, help="the method (or variant) judged against the targets")
+    p.add_argument("--baseline", default="vanilla", help="the undefended method the CACC target compares with")
+    p.add_argument("--controls", nargs="*", default=[], help="methods printed beside, not judged")
+    p.add_argument("--max-added", type=float, default=5.0)
+    p.add_argument("--max-cacc-drop", type=float, default=2.0)
+    p.add_argument("--min-baseline-added", type=float, default=20.0)
+    args = p.parse_args(argv)
+    rows = load(args.results)
+    verdict = evaluate(rows, args.recipe, args.baseline, max_added=args.max_added,
+                       max_cacc_drop=args.max_cacc_drop, min_baseline_added=args.min_baseline_added)
+    attacks = verdict["attacks"]
+    print(markdown(rows, [args.recipe, args.baseline, *args.controls], attacks))
+    print()
+    yes = {True: "met", False: "MISSED"}
+    print(f"Over {len(attacks)} attack(s) ({', '.join(attacks)}):")
+    print(f"- trigger-added ASR of {args.recipe}: {verdict['recipe_added']:.1f} (target <= {args.max_added:g}): "
+          f"{yes[verdict['added_ok']]}; per attack "
+          + ", ".join(f"{a} {v:.1f}" for a, v in verdict["per_attack_added"].items()))
+    print(f"- CACC below {args.baseline}: {verdict['cacc_drop']:.1f} points (target <= {args.max_cacc_drop:g}): "
+          f"{yes[verdict['cacc_ok']]}; per attack " + ", ".join(f"{a} {v:.1f}" for a, v in verdict["per_attack_drop"].items()))
+    print(f"- {args.baseline}'s attacks bite: trigger-added ASR {verdict['baseline_added']:.1f} "
+          f"(needs >= {args.min_baseline_added:g}): {'yes' if verdict['bites'] else 'NO'}")
+    return 0 if verdict["added_ok"] and verdict["cacc_ok"] and verdict["bites"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

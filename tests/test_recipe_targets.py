@@ -1,0 +1,65 @@
+"""benchmarks/recipe_targets.py: issue 11's targets computed from a grid's results.csv."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+HEADER = "dataset,model,attack,method,train_method,seed,cacc,asr,clean_fpr,asr_minus_clean_fpr,best_epoch\n"
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("recipe_targets", REPO / "benchmarks" / "recipe_targets.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _csv(tmp_path: Path, rows: list[tuple[str, str, int, float, float, float]]) -> Path:
+    path = tmp_path / "results.csv"
+    path.write_text(HEADER + "".join(
+        f"sst-2,minilm,{attack},{method},,{seed},{cacc},{asr},{fpr},{asr - fpr},1\n"
+        for method, attack, seed, cacc, asr, fpr in rows))
+    return path
+
+
+def test_attacks_count_once_whatever_their_seeds_and_targets_are_judged(tmp_path, capsys):
+    path = _csv(tmp_path, [
+        # recipe: badnets two seeds (added 4 and 8 -> 6), addsent one seed (added 2): mean over attacks 4.0
+        ("recipe", "badnets", 42, 80.0, 24.0, 20.0), ("recipe", "badnets", 43, 78.0, 28.0, 20.0),
+        ("recipe", "addsent", 42, 79.0, 22.0, 20.0),
+        # vanilla: CACC 81 on both -> drop 81 - mean(79, 79) = 2.0 (the target's edge, inclusive); bites (70)
+        ("vanilla", "badnets", 42, 81.0, 95.0, 20.0), ("vanilla", "addsent", 42, 81.0, 85.0, 20.0),
+        ("vanilla", "stylebkd", 42, 81.0, 85.0, 20.0),  # no recipe cell: not counted
+        ("control", "badnets", 42, 70.0, 20.0, 20.0),
+    ])
+    verdict = _script().evaluate(_script().load(path), "recipe", "vanilla")
+    assert verdict["attacks"] == ["addsent", "badnets"]
+    assert verdict["recipe_added"] == pytest.approx(4.0) and verdict["added_ok"]
+    assert verdict["cacc_drop"] == pytest.approx(2.0) and verdict["cacc_ok"]
+    assert verdict["baseline_added"] == pytest.approx(70.0) and verdict["bites"]
+    assert _script().main(["--results", str(path), "--recipe", "recipe", "--controls", "control"]) == 0
+    out = capsys.readouterr().out
+    assert "| recipe | badnets | 2 | 79.0 ± 1.4 | 26.0 ± 2.8 | 20.0 ± 0.0 | 6.0 ± 2.8 |" in out
+    assert "| control | badnets | 1 | 70.0 |" in out and "trigger-added ASR of recipe: 4.0 (target <= 5): met" in out
+    # one point more of CACC loss misses the target, and the exit status says so
+    assert _script().main(["--results", str(path), "--recipe", "recipe", "--max-cacc-drop", "1"]) == 1
+    assert "CACC below vanilla: 2.0 points (target <= 1): MISSED" in capsys.readouterr().out
+
+
+def test_bad_inputs_name_the_file_and_the_fix(tmp_path):
+    with pytest.raises(SystemExit, match=r"does not exist\. Fix: pass the results\.csv"):
+        _script().load(tmp_path / "nope.csv")
+    (tmp_path / "bad.csv").write_text("method,attack\nx,y\n")
+    with pytest.raises(SystemExit, match=r"lacks the column\(s\) seed, cacc"):
+        _script().load(tmp_path / "bad.csv")
+    path = _csv(tmp_path, [("recipe", "badnets", 42, 80.0, 24.0, 20.0)])
+    path.write_text(path.read_text().replace("80.0", "eighty"))
+    with pytest.raises(SystemExit, match=r"results\.csv:2: could not convert"):
+        _script().load(path)
+    ok = _csv(tmp_path, [("recipe", "badnets", 42, 80.0, 24.0, 20.0)])
+    with pytest.raises(SystemExit, match=r"no attack has finished cells of both 'recipe' and 'vanilla'"):
+        _script().evaluate(_script().load(ok), "recipe", "vanilla")
