@@ -24,6 +24,12 @@ from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from pipeline.report import mean_sd  # noqa: E402
+
 METRICS = ("cacc", "asr", "clean_fpr", "asr_minus_clean_fpr")
 
 
@@ -47,14 +53,6 @@ def load(path: Path) -> dict[tuple[str, str], list[dict[str, float]]]:
 
 def _mean(values: Sequence[float]) -> float:
     return statistics.fmean(values)
-
-
-def _fmt(values: Sequence[float]) -> str:
-    if not values:
-        return "-"
-    if len(values) == 1:
-        return f"{values[0]:.1f}"
-    return f"{_mean(values):.1f} ± {statistics.stdev(values):.1f}"
 
 
 def evaluate(rows: dict[tuple[str, str], list[dict[str, float]]], recipe: str, baseline: str, *,
@@ -87,7 +85,7 @@ def markdown(rows: dict[tuple[str, str], list[dict[str, float]]], methods: Seque
             group = rows.get((method, attack), [])
             if group:
                 lines.append(f"| {method} | {attack} | {len(group)} | "
-                             + " | ".join(_fmt([r[m] for r in group]) for m in METRICS) + " |")
+                             + " | ".join(mean_sd([r[m] for r in group]) for m in METRICS) + " |")
         means = [[_mean([r[m] for r in rows[(method, a)]]) for a in attacks if rows.get((method, a))] for m in METRICS]
         if means[0]:
             lines.append(f"| **{method}** | mean of {len(means[0])} attacks | | "

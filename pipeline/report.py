@@ -30,7 +30,8 @@ def read_metrics(run_dirs: Iterable[str | Path]) -> list[dict[str, Any]]:
     return out
 
 
-def _cell(values: Sequence[float]) -> str:
+def mean_sd(values: Sequence[float]) -> str:
+    """``"-"`` for none, the value for one, ``"mean ± sample sd"`` for several (one decimal)."""
     if not values:
         return "-"
     if len(values) == 1:
@@ -63,7 +64,7 @@ def results_table(metrics: Sequence[Mapping[str, Any]], *, methods: Sequence[str
             values = {k: [r[k] for r in runs] for k in ("cacc", "asr", "clean_fpr")}
             for k, v in values.items():
                 means[k].append(statistics.mean(v))
-            row.append(f"{_cell(values['cacc'])} / {_cell(values['asr'])} ({_cell(values['clean_fpr'])})")
+            row.append(f"{mean_sd(values['cacc'])} / {mean_sd(values['asr'])} ({mean_sd(values['clean_fpr'])})")
         complete = len(means["cacc"]) == len(attacks)
         for k in ("cacc", "asr", "clean_fpr"):
             row.append(f"{statistics.mean(means[k]):.1f}" if complete else "-")

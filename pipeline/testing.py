@@ -20,8 +20,10 @@ Weights are drawn under a private RNG state seeded by ``seed``; the global torch
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Literal
 
 import torch
@@ -274,3 +276,20 @@ def build_tiny_checkpoint(
     tokenizer.save_pretrained(directory)
     logger.debug("wrote tiny %s checkpoint (vocab %d) to %s", family, len(tokenizer), directory)
     return directory
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_script(relative_path: str, name: str | None = None) -> ModuleType:
+    """A script of this repository (``launch/*.py``, ``benchmarks/*.py``: not packages) as a fresh module.
+
+    ``relative_path`` is relative to the repository root; ``name`` is the module name (default: from the path).
+    """
+    path = REPO / relative_path
+    spec = importlib.util.spec_from_file_location(name or relative_path.replace("/", "_").removesuffix(".py"), path)
+    if spec is None or spec.loader is None:
+        raise FileNotFoundError(f"{path}: not a loadable Python file")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 
 from pipeline.data import read_split, split_paths
+from pipeline.testing import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 HEADER = ",0,1,2\n"
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("clean_data_root", REPO / "benchmarks" / "clean_data_root.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/clean_data_root.py")
 
 
 def _source(root: Path) -> Path:

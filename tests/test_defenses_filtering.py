@@ -8,7 +8,6 @@ a small poison cluster carrying the target label.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import subprocess
@@ -25,6 +24,7 @@ from pipeline import data as data_lib
 from pipeline import modeling
 from pipeline.config import config_from_dict
 from pipeline.defenses import filtering as flt
+from pipeline.testing import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = REPO / "launch" / "filter_data.py"
@@ -286,10 +286,7 @@ def test_filter_training_rows_preserves_order_and_content():
 
 
 def _cli():
-    spec = importlib.util.spec_from_file_location("filter_data_cli", CLI)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("launch/filter_data.py")
 
 
 @pytest.mark.integration

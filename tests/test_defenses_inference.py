@@ -8,7 +8,6 @@ a fake word-level language model.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import random
@@ -41,6 +40,7 @@ from pipeline.defenses.strip import (
     strip_entropies,
     strip_evaluate,
 )
+from pipeline.testing import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -424,10 +424,7 @@ def vanilla_run(tmp_path_factory, tiny_bert_dir, tiny_data_root) -> Path:
 
 
 def _load_cli():
-    spec = importlib.util.spec_from_file_location("launch_defend", REPO / "launch" / "defend.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("launch/defend.py")
 
 
 @pytest.mark.integration

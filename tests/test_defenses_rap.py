@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import torch
 from pipeline import modeling
 from pipeline.defenses import rap
 from pipeline.defenses.strip import calibrate_threshold, defended_predictions
+from pipeline.testing import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -101,10 +101,7 @@ def test_bad_inputs_are_clear_errors(tiny_classifier):
 
 
 def _load_cli():
-    spec = importlib.util.spec_from_file_location("launch_defend", REPO / "launch" / "defend.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("launch/defend.py")
 
 
 @pytest.mark.integration

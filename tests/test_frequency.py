@@ -6,7 +6,6 @@ Every numeric function is checked against a naive implementation written here fr
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import subprocess
@@ -20,6 +19,7 @@ from torch.utils.data import DataLoader
 from pipeline import frequency as fq
 from pipeline.data import make_collator
 from pipeline.modeling import load_classifier, load_tokenizer
+from pipeline.testing import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 KINDS = ["authors", "gaussian"]
@@ -355,10 +355,7 @@ def test_read_frequency_file_explains_how_to_enable(tmp_path):
 
 
 def _fourier_main():
-    spec = importlib.util.spec_from_file_location("fourier_cli", REPO / "launch" / "fourier.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    return load_script("launch/fourier.py").main
 
 
 @pytest.mark.integration

@@ -19,7 +19,6 @@ that are not runs, damaged weights / checkpoints / pickles, runaway training, on
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import logging
 import os
@@ -34,16 +33,14 @@ import yaml
 
 from pipeline.config import load_config
 from pipeline.training import run_training
+from pipeline.testing import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _launcher(name: str):
     """launch/<name>.py as a module (launch/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(f"launch_{name}_sweep", REPO / "launch" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(f"launch/{name}.py")
 
 
 def _train_overrides(out: Path, model_dir: Path, data_root: Path) -> list[str]:

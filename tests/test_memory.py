@@ -8,7 +8,6 @@ set size of real training steps, each configuration measured in a fresh subproce
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -22,6 +21,7 @@ import transformers
 
 from pipeline import memory, modeling
 from pipeline.adapters import inject
+from pipeline.testing import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 MIB = 2**20
@@ -58,10 +58,7 @@ def _estimate(**changes: Any) -> memory.MemoryEstimate:
 
 
 def _bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_memory", REPO / "benchmarks" / "bench_memory.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/bench_memory.py")
 
 
 # ----------------------------------------------------------------------------- arithmetic

@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
+from pipeline.testing import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 HEADER = "dataset,model,attack,method,train_method,seed,cacc,asr,clean_fpr,asr_minus_clean_fpr,best_epoch\n"
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("recipe_targets", REPO / "benchmarks" / "recipe_targets.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/recipe_targets.py")
 
 
 def _csv(tmp_path: Path, rows: list[tuple[str, str, int, float, float, float]]) -> Path:

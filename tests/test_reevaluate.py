@@ -7,7 +7,6 @@ saved), are trained once for the module; re-evaluation must reproduce their metr
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import subprocess
@@ -23,6 +22,7 @@ from pipeline import evaluate as ev
 from pipeline.config import load_config
 from pipeline.inference import EvaluationError, RunDirError, evaluate_run, load_run
 from pipeline.training import run_training
+from pipeline.testing import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_EVAL = 40
@@ -64,10 +64,7 @@ def vanilla_run(tmp_path_factory, tiny_bert_dir, sst2_root) -> Path:
 
 def _load_cli():
     """launch/evaluate.py as a module (launch/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("launch_evaluate", REPO / "launch" / "evaluate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("launch/evaluate.py")
 
 
 def _metrics(run_dir: Path) -> dict:
