@@ -34,6 +34,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+REPO = Path(__file__).resolve().parents[1]
+"""The repository root (where ``launch/`` and ``benchmarks/`` live)."""
+
 TinyFamily = Literal["llama", "mistral", "gpt2", "bert", "roberta"]
 
 TINY_HIDDEN = 64
@@ -276,9 +279,6 @@ def build_tiny_checkpoint(
     tokenizer.save_pretrained(directory)
     logger.debug("wrote tiny %s checkpoint (vocab %d) to %s", family, len(tokenizer), directory)
     return directory
-
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def load_script(relative_path: str, name: str | None = None) -> ModuleType:
