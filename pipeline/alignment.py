@@ -227,9 +227,6 @@ def raw_weight_schedule(*, max_raw_ratio: float, epoch: int, start_epoch: int, e
         epoch: Current epoch, counted from 0, at least ``start_epoch``.
         start_epoch: First epoch of the ramp.
         epochs: Total number of epochs.
-        fallback: What replaces "align" and "mix" when neither fires, and what a tensor with
-            ||r_p|| = 0 gets inside them: "raw" (default, the authors') the task gradient g_p; "skip"
-            a zero update (the mix gate keeps its rho g_p part). See the module docstring.
 
     Returns:
         rho in [0, max_raw_ratio] (larger only if ``epoch`` runs past ``epochs``).

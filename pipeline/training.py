@@ -1395,23 +1395,24 @@ def _train_and_evaluate(
 
 
 def _canary_metrics(canary: canary_lib.CanaryData | None, progress: Mapping[str, Any], majority: float,
-                    select: bool = True) -> dict[str, Any]:
+                    tolerance: float | None) -> dict[str, Any]:
     """metrics.json's ``canary`` block and ``selection_rule`` (percentages; ``canary.enabled`` false without one).
 
     ``majority``: the majority-class share of the selection rows (the verdict is inconclusive at about it).
-    ``select``: whether the canary took part in the epoch selection (``canary.select``).
+    ``tolerance``: the canary tolerance the epoch selection used (:func:`_selection_tolerance`); None when it
+    selected on dev-clean alone (``canary.select`` false).
     """
     if canary is None:
         return {"canary": {"enabled": False}, "selection_rule": "highest dev-clean accuracy (canary disabled)"}
-    tolerance = canary.spec.tolerance if select else None
-    chosen = canary_lib.select_epoch(progress["history"], tolerance)
     selected = next(r for r in progress["history"] if r["epoch"] == progress["best_epoch"])
-    reason = chosen.reason if select else (
-        "highest dev-clean accuracy (canary.select=false: the canary is measured and reported, not used for selection)")
+    if tolerance is None:
+        reason = "highest dev-clean accuracy (canary.select=false: the canary is measured and reported, not used for selection)"
+    else:
+        reason = canary_lib.select_epoch(progress["history"], tolerance).reason
     return {
         "canary": {
             "enabled": True, **canary.spec.to_dict(), "planted_rows": len(canary.planted),
-            "triggered_selection_rows": len(canary.selection_rows), "used_for_selection": select,
+            "triggered_selection_rows": len(canary.selection_rows), "used_for_selection": tolerance is not None,
             "selected_epoch_qualified": canary_lib.qualifies(selected, canary.spec.tolerance),
             **canary_lib.verdict(selected, canary.spec, majority=majority),
         },
@@ -1464,7 +1465,7 @@ def _final_evaluation(
         "confusion_matrix": ev.confusion_matrix(clean_preds, clean_labels, cfg.model.num_labels),
         "history": progress["history"],
         **_canary_metrics(loaders.canary, progress, canary_lib.majority_share(loaders.selection.dataset["labels"]),
-                          select=cfg.canary.select),
+                          _selection_tolerance(cfg, loaders.canary)),
         "global_steps": progress["global_step"],
         "train_seconds": train_seconds,
         "samples_per_second": progress["samples_seen"] / max(train_seconds, 1e-9),
