@@ -22,9 +22,7 @@ could use). Nothing here chooses a setting on poison labels.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
-from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -33,35 +31,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from pipeline import canary as canary_lib  # noqa: E402
+from pipeline.defenses.lexical import features, lexical_filter, zscores  # noqa: E402,F401  (the pipeline's filter)
 from pipeline.data import _seeded_subset, read_split, split_paths  # noqa: E402
-
-
-def features(text: str, max_n: int = 2) -> set[str]:
-    """Lower-cased whitespace word n-grams, n = 1..max_n, each once."""
-    words = text.lower().split()
-    return {" ".join(words[i:i + n]) for n in range(1, max_n + 1) for i in range(len(words) - n + 1)}
-
-
-def zscores(texts: Sequence[str], labels: Sequence[int], *, max_n: int = 2, min_count: int = 5) -> dict[tuple[str, int], float]:
-    """z(f, y) for every feature in at least ``min_count`` rows and every label present."""
-    rows = len(texts)
-    if rows == 0 or rows != len(labels):
-        raise ValueError(f"need as many labels as texts (got {rows} texts, {len(labels)} labels), at least one")
-    prior = {y: c / rows for y, c in Counter(labels).items()}
-    count: Counter[str] = Counter()
-    joint: Counter[tuple[str, int]] = Counter()
-    for text, label in zip(texts, labels):
-        for f in features(text, max_n):
-            count[f] += 1
-            joint[(f, label)] += 1
-    out = {}
-    for f, n in count.items():
-        if n < min_count:
-            continue
-        for y, p0 in prior.items():
-            if 0 < p0 < 1:
-                out[(f, y)] = (joint[(f, y)] / n - p0) / math.sqrt(p0 * (1 - p0) / n)
-    return out
 
 
 def flagged_rows(texts: Sequence[str], scores: dict[tuple[str, int], float], threshold: float, max_n: int = 2) -> list[int]:
@@ -82,6 +53,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--min-count", type=int, default=5)
     p.add_argument("--thresholds", type=float, nargs="+", default=[6.0, 8.0, 10.0, 15.0])
     p.add_argument("--top", type=int, default=6)
+    p.add_argument("--margins", type=float, nargs="+", default=[1.0, 1.25, 1.5, 2.0],
+                   help="the pipeline's filter (filter.method=lexical_zscore) at these filter.margin values: auto "
+                        "threshold calibrated on dev-clean, applied before the canary is planted, as a run does")
     args = p.parse_args(argv)
     print(f"lexical z-score probe: {args.dataset}, {args.max_train_samples} rows (seed {args.seed}), canary rate "
           f"{args.canary_rate}, n-grams 1..{args.max_n}, min count {args.min_count}\n")
@@ -109,6 +83,26 @@ def main(argv: list[str] | None = None) -> None:
             canary = len(set(hit) & set(planted))
             print(f"| {attack} | {threshold:g} | {len(hit)} | {100 * tp / max(1, total_poison):.1f}% of {total_poison} | "
                   f"{100 * tp / max(1, len(hit)):.1f}% | {len(hit) - tp} | {canary} of {len(planted)} |")
+    print()
+    print("The pipeline's filter, auto threshold = margin x dev-clean's largest z x sqrt(train rows / dev-clean rows), "
+          "removing rows that hold a flagged n-gram with its flagged label (no canary: a run filters before planting):\n")
+    print("| attack | margin | threshold | dev-clean max z | rows removed | poison recall | poison precision | clean rows removed | flagged n-grams |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for attack in args.attacks:
+        paths = split_paths(args.data_root, args.dataset, attack)
+        rows = _seeded_subset(read_split(paths.train, keep_poison_label=True), args.max_train_samples, args.seed)
+        poison = list(rows["poison_label"])
+        dev = read_split(paths.dev_clean)
+        texts, labels = list(rows["text"]), list(rows["label"])
+        for margin in args.margins:
+            result = lexical_filter(texts, labels, trusted_texts=list(dev["text"]), trusted_labels=list(dev["label"]),
+                                    margin=margin, max_n=args.max_n, min_count=args.min_count)
+            tp = sum(poison[i] for i in result.removed)
+            shown = ", ".join(f"{f!r}->{y} {z:.1f}" for f, y, z, _ in result.flagged[:4]) or "none"
+            more = f" (+{len(result.flagged) - 4})" if len(result.flagged) > 4 else ""
+            print(f"| {attack} | {margin:g} | {result.threshold:.2f} | {result.trusted_max_z:.2f} | {len(result.removed)} | "
+                  f"{100 * tp / max(1, sum(poison)):.1f}% of {sum(poison)} | {100 * tp / max(1, len(result.removed)):.1f}% | "
+                  f"{len(result.removed) - tp} | {shown}{more} |")
     print()
     for attack, top in tops:
         print(f"{attack}: highest z: " + ", ".join(f"{f!r}->{y} {z:.1f}" for (f, y), z in top))

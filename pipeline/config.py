@@ -587,8 +587,31 @@ class CanaryConfig(_Validated):
 
 
 @dataclass(frozen=True)
+class FilterConfig(_Validated):
+    """Training-row filter run before training, before the canary is planted (pipeline/defenses/lexical.py)."""
+
+    _prefix: ClassVar[str] = "filter."
+
+    method: Literal["none", "lexical_zscore"] = _field(
+        "none",
+        "none: train on every row; lexical_zscore: remove rows holding a word n-gram whose label correlation "
+        "(z-score) is far above anything natural (Z-defence's lexical part; removes insertion triggers, blind to "
+        "paraphrase triggers); the removed rows and flagged n-grams go to filter-report.json",
+    )
+    threshold: float | None = _field(
+        None,
+        "null: calibrated per run, margin x the largest z of the trusted dev-clean rows x sqrt(train rows / "
+        "trusted rows); a number: that z threshold",
+        check=_bounds(gt=0),
+    )
+    margin: float = _field(1.5, "safety factor of the auto threshold over the trusted rows' largest z", check=_bounds(gt=0))
+    max_n: int = _field(2, "longest word n-gram scored", check=_bounds(ge=1, le=4))
+    min_count: int = _field(5, "score only n-grams present in at least this many rows", check=_bounds(ge=1))
+
+
+@dataclass(frozen=True)
 class RunConfig(_Validated):
-    """One training run: method, output folder and the six sections."""
+    """One training run: method, output folder and its sections."""
 
     _prefix: ClassVar[str] = ""
 
@@ -618,6 +641,7 @@ class RunConfig(_Validated):
     prefix: PrefixConfig = _section(PrefixConfig, "prefix-tuning baseline")
     analysis: AnalysisConfig = _section(AnalysisConfig, "optional analyses")
     canary: CanaryConfig = _section(CanaryConfig, "planted positive-control backdoor")
+    filter: FilterConfig = _section(FilterConfig, "training-row filter before training")
 
     def _cross_problems(self, values: Mapping[str, Any], bad_keys: set[str]) -> list[_Problem]:
         sections = {
@@ -640,6 +664,7 @@ _SECTIONS: dict[str, type] = {
     "prefix": PrefixConfig,
     "analysis": AnalysisConfig,
     "canary": CanaryConfig,
+    "filter": FilterConfig,
 }
 _TOP_KEYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(RunConfig) if f.name not in _SECTIONS)
 

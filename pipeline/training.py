@@ -1,6 +1,8 @@
 """Single-process training loop for MuScleLoRA and its ablations (arXiv 2402.12026).
 
-One optimiser step, read top to bottom in :func:`train_epoch`:
+Before training, ``filter.method = lexical_zscore`` removes training rows holding a word n-gram whose label
+correlation is far above the trusted rows' (pipeline/defenses/lexical.py; report in filter-report.json); the
+canary is planted in the rows kept. One optimiser step, read top to bottom in :func:`train_epoch`:
 
 1. ``g = grad mean CE(train batch)``, accumulated over ``grad_accum_steps`` micro-batches.
 2. For alignment methods, ``r = grad mean CE(reference batch)`` on one batch of the clean reference
@@ -54,6 +56,7 @@ from pipeline.adapters.bottleneck import default_bottleneck_targets, inject_bott
 from pipeline.adapters.prefix import apply_prefix_tuning, word_prefix_input
 from pipeline.adapters.state import adapter_tensor_names, load_adapter, save_adapter
 from pipeline.alignment import GATES, align_gradients
+from pipeline.defenses import lexical
 from pipeline.config import (
     ConfigError,
     RunConfig,
@@ -75,6 +78,8 @@ _CHECKPOINT_DIR = "checkpoints"
 _LAST = "last"
 _BEST_FILE = "best.safetensors"
 _LOG_FILE = "log.jsonl"
+FILTER_REPORT = "filter-report.json"
+"""Written into output_dir when ``filter.method`` is not none: threshold, flagged n-grams, removed rows."""
 
 
 class NonFiniteError(RuntimeError):
@@ -108,6 +113,7 @@ class Loaders:
     collate: Any
     canary: canary_lib.CanaryData | None = None
     canary_triggered: DataLoader | None = None
+    filter_report: dict[str, Any] | None = None
 
 
 # ----------------------------------------------------------------------------- setup
@@ -642,6 +648,59 @@ def _training_data(cfg: RunConfig) -> tuple[data_lib.SplitPaths, data_lib.Traini
     return paths, training
 
 
+def _filter_rows(cfg: RunConfig, training: data_lib.TrainingData) -> tuple[data_lib.TrainingData, dict[str, Any] | None]:
+    """Apply ``filter.method`` to the training rows (before the canary is planted); the report or None.
+
+    The threshold is calibrated on the trusted rows (reference + selection, i.e. dev-clean) unless
+    ``filter.threshold`` is set. Reads texts and labels only, never ``poison_label``.
+    """
+    if cfg.filter.method == "none":
+        return training, None
+    trusted = [*training.reference["text"], *training.selection["text"]]
+    trusted_labels = [*training.reference["label"], *training.selection["label"]]
+    texts, labels = list(training.train["text"]), list(training.train["label"])
+    try:
+        result = lexical.lexical_filter(
+            texts, labels, threshold=cfg.filter.threshold, trusted_texts=trusted, trusted_labels=trusted_labels,
+            margin=cfg.filter.margin, max_n=cfg.filter.max_n, min_count=cfg.filter.min_count,
+        )
+    except ValueError as error:
+        raise ConfigError([f"filter: {error}"]) from error
+    if not result.keep:
+        raise ConfigError([
+            f"filter.method=lexical_zscore removed all {len(texts)} training rows (threshold {result.threshold:.2f}): "
+            "raise filter.margin or filter.threshold"
+        ])
+    kept = training.train.select(result.keep)
+    if len(set(kept["label"])) < 2:
+        raise ConfigError([
+            f"filter.method=lexical_zscore left a single class in the {len(result.keep)} kept training rows "
+            f"(threshold {result.threshold:.2f}): raise filter.margin or filter.threshold"
+        ])
+    report = {
+        "method": cfg.filter.method,
+        "threshold": result.threshold,
+        "threshold_rule": "given" if result.trusted_max_z is None else "margin * trusted max z * sqrt(train rows / trusted rows)",
+        "trusted_max_z": result.trusted_max_z,
+        "trusted_rows": len(trusted),
+        "margin": cfg.filter.margin,
+        "rows_before": len(texts),
+        "rows_removed": len(result.removed),
+        "rows_kept": len(result.keep),
+        "flagged": [{"feature": f, "label": y, "z": z, "rows_removed": n} for f, y, z, n in result.flagged],
+        "removed_rows": [{"text": texts[i], "label": labels[i]} for i in result.removed],
+    }
+    shown = ", ".join(f"{f!r}->{y} (z {z:.1f}, {n} rows)" for f, y, z, n in result.flagged[:8]) or "none"
+    logger.info(
+        "filter %s: threshold %.2f%s; %d of %d training rows removed; flagged n-grams: %s%s",
+        cfg.filter.method, result.threshold,
+        f" (trusted max z {result.trusted_max_z:.2f} x margin {cfg.filter.margin:g} x sqrt({len(texts)}/{len(trusted)}))"
+        if result.trusted_max_z is not None else " (given)",
+        len(result.removed), len(texts), shown, "" if len(result.flagged) <= 8 else f" and {len(result.flagged) - 8} more",
+    )
+    return dataclasses.replace(training, train=kept), report
+
+
 def _plant_canary(cfg: RunConfig, training: data_lib.TrainingData) -> tuple[data_lib.TrainingData, canary_lib.CanaryData | None]:
     """Plant the canary in the training rows (``canary.enabled``); reference and selection rows stay as they are."""
     if not cfg.canary.enabled:
@@ -738,6 +797,7 @@ def plan_run(
     if seq_len is None:
         tokenizer = modeling.load_tokenizer(model_path, is_decoder=info.is_decoder, trust_remote_code=cfg.model.trust_remote_code)
         _, training = _training_data(cfg)
+        training, _ = _filter_rows(cfg, training)
         training, _ = _plant_canary(cfg, training)
         seq_len = longest_row(*(data_lib.encode(ds, tokenizer, max_length=cfg.data.max_length)
                                 for ds in (training.train, training.reference)))
@@ -980,6 +1040,7 @@ def _run(cfg: RunConfig, runtime: dist.Runtime, ds_raw: Mapping[str, Any] | None
     dist.check_shared_directory(runtime, output_dir)
 
     paths, file_training = _training_data(cfg)
+    file_training, filter_report = _filter_rows(cfg, file_training)
     training, canary_data = _plant_canary(cfg, file_training)
     evaluation = data_lib.load_evaluation_data(
         paths, num_labels=cfg.model.num_labels, max_eval_samples=cfg.data.max_eval_samples, seed=cfg.seed
@@ -1002,6 +1063,7 @@ def _run(cfg: RunConfig, runtime: dist.Runtime, ds_raw: Mapping[str, Any] | None
         model.to(runtime.device)
     check_training_rows(cfg, tokenizer, file_training, paths)  # the file's rows: the canary relabels some
     loaders = build_loaders(cfg, tokenizer, training, evaluation)
+    loaders = dataclasses.replace(loaders, filter_report=filter_report)
     warn_truncation(cfg, loaders.train)
     if canary_data is not None:
         triggered = data_lib.encode(canary_data.triggered, tokenizer, max_length=cfg.data.max_length)
@@ -1026,6 +1088,8 @@ def _run(cfg: RunConfig, runtime: dist.Runtime, ds_raw: Mapping[str, Any] | None
             remove_run_folder(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
         handler = _setup_file_logging(output_dir)
+        if filter_report is not None:
+            ckpt.atomic_write_json(output_dir / FILTER_REPORT, filter_report)
     dist.barrier(runtime)
     try:
         return _train_and_evaluate(
@@ -1394,6 +1458,13 @@ def _train_and_evaluate(
     )
 
 
+def _filter_metrics(report: Mapping[str, Any] | None) -> dict[str, Any]:
+    """metrics.json's ``filter`` block: the report without its removed rows (those stay in filter-report.json)."""
+    if report is None:
+        return {"method": "none"}
+    return {k: v for k, v in report.items() if k != "removed_rows"}
+
+
 def _canary_metrics(canary: canary_lib.CanaryData | None, progress: Mapping[str, Any], majority: float,
                     tolerance: float | None) -> dict[str, Any]:
     """metrics.json's ``canary`` block and ``selection_rule`` (percentages; ``canary.enabled`` false without one).
@@ -1485,6 +1556,7 @@ def _final_evaluation(
         "num_test_poison": len(poison_preds),
         "data_files": {k: str(v) for k, v in dataclasses.asdict(paths).items()},
         "trusted_test_overlap": [dataclasses.asdict(o) if dataclasses.is_dataclass(o) else o for o in (overlap or [])],
+        "filter": _filter_metrics(loaders.filter_report),
         "config": config_to_dict(cfg),
     }
     with engine.gathered(adapter_tensor_names(model)):

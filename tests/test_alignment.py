@@ -209,3 +209,41 @@ def test_statistics_length_checked() -> None:
         apply_alignment(grads, grads, bad)
     with pytest.raises(ValueError, match=r"expects a \(3, P\) tensor"):
         GradientStatistics.from_stacked(torch.ones(2, 2))
+
+
+def test_always_on_alignment_under_adamw_learns_only_from_the_reference_gradient():
+    """Why the never-raw recipe behaves like the clean-rows control (docs/recipe_eval_discussion.md).
+
+    Every aligned update is a non-negative multiple of the reference gradient, tensor by tensor, so
+    whatever the training batch holds beyond its component along r (a backdoor's direction included) is
+    discarded; what is left is a per-tensor scale c_t = |<g, r>| / ||r||^2, and AdamW's m / sqrt(v) cancels
+    a scale that stays constant. Here the training gradient is c * r_t plus a large part orthogonal to
+    r_t (standing in for what only the poisoned rows would teach): AdamW on the aligned updates follows
+    AdamW on the reference gradients alone, to float64 round-off, whatever that orthogonal part is.
+    """
+    generator = torch.Generator().manual_seed(5)
+    start = random_grads(100)
+    aligned_params = {n: t.clone().requires_grad_(True) for n, t in start.items()}
+    reference_params = {n: t.clone().requires_grad_(True) for n, t in start.items()}
+    opt_aligned = torch.optim.AdamW(aligned_params.values(), lr=1e-2, eps=1e-12, weight_decay=0.0)
+    opt_reference = torch.optim.AdamW(reference_params.values(), lr=1e-2, eps=1e-12, weight_decay=0.0)
+    scale = {n: 0.5 + i for i, n in enumerate(SHAPES)}  # a different constant per tensor
+    for step in range(20):
+        reference = random_grads(200 + step)
+        task = {}
+        for name, r in reference.items():
+            noise = torch.randn(r.shape, generator=generator, dtype=r.dtype) * 10
+            if r.dim() == 0:
+                noise = torch.zeros_like(r)
+            orthogonal = noise - (noise.flatten() @ r.flatten()) / (r.flatten() @ r.flatten()) * r
+            task[name] = scale[name] * r + orthogonal
+        update = align_gradients(task, reference).grads
+        for name in SHAPES:
+            torch.testing.assert_close(update[name], scale[name] * reference[name], rtol=1e-9, atol=1e-9)
+            aligned_params[name].grad = update[name].clone()
+            reference_params[name].grad = reference[name].clone()
+        opt_aligned.step()
+        opt_reference.step()
+    for name in SHAPES:
+        torch.testing.assert_close(aligned_params[name], reference_params[name], rtol=1e-9, atol=1e-9)
+        assert not torch.allclose(aligned_params[name], start[name])  # the weights did move

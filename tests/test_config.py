@@ -29,7 +29,7 @@ from pipeline.config import (
 )
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "launch" / "configs"
-SECTIONS = ("model", "data", "lora", "mslr", "align", "train", "adapter", "prompt", "prefix", "analysis", "canary")
+SECTIONS = ("model", "data", "lora", "mslr", "align", "train", "adapter", "prompt", "prefix", "analysis", "canary", "filter")
 AUTO_KEYS = {
     "data.max_length", "data.ref_size", "lora.r", "lora.alpha", "lora.target_modules", "mslr.targets",
     "mslr.scales", "mslr.alpha", "align.min_ref_loss", "align.max_raw_ratio", "align.start_epoch",
@@ -74,6 +74,7 @@ def test_defaults_are_valid_and_match_the_schema():
     assert cfg.train.eval_batch_size == 64 and cfg.train.freeze_head is True
     assert {k for k in _all_keys() if _get(cfg, k) is None} == AUTO_KEYS | {
         "data.max_train_samples", "data.max_eval_samples", "train.num_threads", "canary.seed", "align.ref_batch_size",
+        "filter.threshold",
     }
 
 
