@@ -148,6 +148,12 @@ def main(argv: list[str] | None = None) -> int:
         f"(clean false-positive rate {metrics['clean_fpr']:.2f}%, best epoch {metrics['best_epoch']})\n"
         f"outputs: {Path(cfg.output_dir).resolve()}  (metrics.json, log.jsonl, train.log, adapter/)"
     )
+    filtered = metrics.get("filter") or {}
+    if filtered.get("method", "none") != "none":
+        flagged = ", ".join(repr(f["feature"]) for f in filtered["flagged"][:6]) or "none"
+        more = f" and {len(filtered['flagged']) - 6} more" if len(filtered["flagged"]) > 6 else ""
+        print(f"filter {filtered['method']}: removed {filtered['rows_removed']} of {filtered['rows_before']} training rows "
+              f"(threshold z {filtered['threshold']:.2f}; flagged n-grams: {flagged}{more}; see filter-report.json)")
     canary = metrics.get("canary", {})
     if canary.get("enabled"):
         print(canary["message"])

@@ -126,7 +126,10 @@ def test_config_keys_defaults_and_errors(tmp_path, tiny_bert_dir, tiny_data_root
     assert not (tmp_path / "run").exists()
 
 
-def test_the_run_trains_on_the_kept_rows_plants_the_canary_after_and_reports(tmp_path, tiny_bert_dir, tiny_data_root):
+def test_the_run_trains_on_the_kept_rows_plants_the_canary_after_and_reports(tmp_path, tiny_bert_dir, tiny_data_root,
+                                                                             capsys):
+    from launch import train as launcher
+
     cfg = _tiny_cfg(tmp_path, tiny_bert_dir, tiny_data_root, "filter.method=lexical_zscore", "filter.threshold=3.2",
                     "filter.max_n=1")
     _, rows = training._training_data(cfg)
@@ -139,12 +142,20 @@ def test_the_run_trains_on_the_kept_rows_plants_the_canary_after_and_reports(tmp
     planted, canary = training._plant_canary(cfg, kept)
     assert len(planted.train) == len(kept.train) and len(canary.planted) == round(0.1 * len(kept.train))
 
-    metrics = training.run_training(cfg)
+    args = [f"output_dir={tmp_path / 'run'}", f"model.name_or_path={tiny_bert_dir}", f"data.root={tiny_data_root}",
+            "data.dataset=toy", "data.attack=badnets", "data.max_length=16", "data.ref_size=8", "train.epochs=1",
+            "train.batch_size=8", "train.eval_batch_size=16", "train.lr=1e-3", "mslr.scales=[1,2,4]",
+            "canary.rate=0.1", "method=lora", "filter.method=lexical_zscore", "filter.threshold=3.2", "filter.max_n=1"]
+    assert launcher.main(args) == 0
+    out = capsys.readouterr().out
+    assert f"filter lexical_zscore: removed {len(direct.removed)} of {len(rows.train)} training rows" in out
+    assert repr(direct.flagged[0][0]) in out and "filter-report.json" in out
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     on_disk = json.loads((tmp_path / "run" / training.FILTER_REPORT).read_text())
     assert on_disk["rows_removed"] == len(direct.removed)
     assert [r["text"] for r in on_disk["removed_rows"]] == [rows.train["text"][i] for i in direct.removed]
     assert metrics["filter"]["rows_kept"] == len(direct.keep) and "removed_rows" not in metrics["filter"]
-    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["filter"] == metrics["filter"]
+    assert metrics["config"]["filter"]["method"] == "lexical_zscore"
 
 
 def test_auto_threshold_is_calibrated_on_the_trusted_rows(tmp_path, tiny_bert_dir, tiny_data_root):
