@@ -12,6 +12,13 @@ seeds count; the table says how many seeds each cell has. Controls are printed b
 
 Prints a markdown table (per attack: mean +- sd over seeds of CACC, ASR, clean FPR, trigger-added ASR) and the
 verdict per target. Reads only results.csv: test numbers, used for the report, never for a choice.
+
+``--adaptive FOUND OTHER`` judges a rule instead of one method: for every attack and seed, FOUND's cell when the
+training-row filter of that cell removed rows (column ``filter_removed`` > 0: the filter found a trigger), else
+OTHER's cell of the same seed. The rule reads the filter's own finding, nothing about the attack:
+
+    python benchmarks/recipe_targets.py --results runs/filter_eval/results.csv \
+        --adaptive zfilter_vanilla zfilter_recipe --controls zfilter_recipe zfilter_vanilla
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ METRICS = ("cacc", "asr", "clean_fpr", "asr_minus_clean_fpr")
 
 
 def load(path: Path) -> dict[tuple[str, str], list[dict[str, float]]]:
-    """(method, attack) -> one dict of METRICS per finished seed."""
+    """(method, attack) -> one dict of METRICS (plus ``seed`` and ``filter_removed``) per finished seed."""
     if not path.is_file():
         raise SystemExit(f"error: {path} does not exist. Fix: pass the results.csv of a grid (launch/matrix.py)")
     out: dict[tuple[str, str], list[dict[str, float]]] = defaultdict(list)
@@ -45,10 +52,32 @@ def load(path: Path) -> dict[tuple[str, str], list[dict[str, float]]]:
             raise SystemExit(f"error: {path} lacks the column(s) {', '.join(missing)}. Fix: pass a grid's results.csv")
         for line, row in enumerate(reader, start=2):
             try:
-                out[(row["method"], row["attack"])].append({m: float(row[m]) for m in METRICS})
+                out[(row["method"], row["attack"])].append({
+                    **{m: float(row[m]) for m in METRICS}, "seed": int(row["seed"]),
+                    "filter_removed": float(row.get("filter_removed") or 0)})
             except ValueError as error:
                 raise SystemExit(f"error: {path}:{line}: {error}. Fix: rebuild results.csv with launch/matrix.py") from None
     return out
+
+
+def adaptive(rows: dict[tuple[str, str], list[dict[str, float]]], found: str, other: str) -> tuple[str, dict]:
+    """Add the rule "FOUND where its filter removed rows, else OTHER (same attack and seed)" as a method.
+
+    Only seeds where both methods finished count. Returns the rule's name and the rows with it added.
+    """
+    name = f"adaptive({found}|{other})"
+    out = dict(rows)
+    for (method, attack), group in rows.items():
+        if method != found:
+            continue
+        others = {r["seed"]: r for r in rows.get((other, attack), [])}
+        chosen = [r if r["filter_removed"] > 0 else others[r["seed"]] for r in group if r["seed"] in others]
+        if chosen:
+            out[(name, attack)] = chosen
+    if not any(m == name for m, _ in out):
+        raise SystemExit(f"error: no attack and seed has finished cells of both {found!r} and {other!r}. "
+                         "Fix: check the method names (column 'method') or let the grid run longer")
+    return name, out
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -96,7 +125,10 @@ def markdown(rows: dict[tuple[str, str], list[dict[str, float]]], methods: Seque
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--results", type=Path, required=True, help="a grid's results.csv")
-    p.add_argument("--recipe", required=True, help="the method (or variant) judged against the targets")
+    judged = p.add_mutually_exclusive_group(required=True)
+    judged.add_argument("--recipe", help="the method (or variant) judged against the targets")
+    judged.add_argument("--adaptive", nargs=2, metavar=("FOUND", "OTHER"),
+                        help="judge the rule: FOUND's cell where its filter removed rows, else OTHER's (same seed)")
     p.add_argument("--baseline", default="vanilla", help="the undefended method the CACC target compares with")
     p.add_argument("--controls", nargs="*", default=[], help="methods printed beside, not judged")
     p.add_argument("--max-added", type=float, default=5.0)
@@ -104,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--min-baseline-added", type=float, default=20.0)
     args = p.parse_args(argv)
     rows = load(args.results)
+    if args.adaptive:
+        args.recipe, rows = adaptive(rows, *args.adaptive)
     verdict = evaluate(rows, args.recipe, args.baseline, max_added=args.max_added,
                        max_cacc_drop=args.max_cacc_drop, min_baseline_added=args.min_baseline_added)
     attacks = verdict["attacks"]

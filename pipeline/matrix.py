@@ -113,7 +113,7 @@ FILTERS = ("bki", "cube")
 CSV_FIELDS = (
     "dataset", "model", "attack", "method", "train_method", "seed", "cacc", "asr", "clean_fpr", "asr_minus_clean_fpr",
     "best_epoch", "dev_clean_acc", "global_steps", "train_seconds", "wall_seconds", "peak_memory_mb",
-    "trainable_parameters", "canary_asr", "canary_floor", "canary_held", "gates", "run_dir",
+    "trainable_parameters", "canary_asr", "canary_floor", "canary_held", "filter_removed", "gates", "run_dir",
 )
 
 
@@ -715,6 +715,7 @@ def collect_rows(grid: Grid) -> list[dict[str, Any]]:
                                             "global_steps", "train_seconds", "peak_memory_mb", "trainable_parameters")},
             "wall_seconds": extra.get("wall_seconds"),
             "canary_asr": canary.get("asr"), "canary_floor": canary.get("floor"), "canary_held": canary.get("held"),
+            "filter_removed": (metrics.get("filter") or {}).get("rows_removed"),
             "gates": json.dumps(gates),
             "run_dir": str(run_dir.relative_to(grid.output_root)),
             "_metrics": metrics,

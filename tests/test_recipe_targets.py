@@ -60,3 +60,25 @@ def test_bad_inputs_name_the_file_and_the_fix(tmp_path):
     ok = _csv(tmp_path, [("recipe", "badnets", 42, 80.0, 24.0, 20.0)])
     with pytest.raises(SystemExit, match=r"no attack has finished cells of both 'recipe' and 'vanilla'"):
         _script().evaluate(_script().load(ok), "recipe", "vanilla")
+
+
+def test_adaptive_rule_takes_the_found_cell_only_where_its_filter_removed_rows(tmp_path, capsys):
+    path = tmp_path / "results.csv"
+    rows = [  # method, attack, seed, cacc, asr, fpr, filter_removed
+        ("found", "badnets", 42, 82.0, 10.0, 15.0, 336), ("found", "badnets", 43, 83.0, 12.0, 15.0, 300),
+        ("found", "stylebkd", 42, 82.0, 60.0, 20.0, 0), ("found", "stylebkd", 43, 82.0, 58.0, 20.0, 0),
+        ("other", "badnets", 42, 79.0, 25.0, 20.0, 336), ("other", "badnets", 43, 79.0, 27.0, 20.0, 300),
+        ("other", "stylebkd", 42, 79.0, 30.0, 22.0, 0),  # seed 43 missing: only seed 42 of stylebkd counts
+        ("vanilla", "badnets", 42, 82.0, 95.0, 15.0, ""), ("vanilla", "stylebkd", 42, 82.0, 60.0, 20.0, ""),
+    ]
+    path.write_text(HEADER.strip() + ",filter_removed\n" + "".join(
+        f"sst-2,minilm,{a},{m},,{s},{c},{asr},{fpr},{asr - fpr},1,{n}\n" for m, a, s, c, asr, fpr, n in rows))
+    name, combined = _script().adaptive(_script().load(path), "found", "other")
+    assert name == "adaptive(found|other)"
+    assert [r["cacc"] for r in combined[(name, "badnets")]] == [82.0, 83.0]  # the filter found the trigger
+    assert [r["cacc"] for r in combined[(name, "stylebkd")]] == [79.0]  # it did not: the other method, seed 42 only
+    verdict = _script().evaluate(combined, name, "vanilla")
+    assert verdict["recipe_added"] == pytest.approx(((-5.0 + -3.0) / 2 + 8.0) / 2)
+    assert verdict["cacc_drop"] == pytest.approx(82.0 - (82.5 + 79.0) / 2)
+    assert _script().main(["--results", str(path), "--adaptive", "found", "other"]) == 0
+    assert "trigger-added ASR of adaptive(found|other): 2.0 (target <= 5): met" in capsys.readouterr().out
