@@ -54,7 +54,7 @@ def load(path: Path) -> dict[tuple[str, str], list[dict[str, float]]]:
             try:
                 out[(row["method"], row["attack"])].append({
                     **{m: float(row[m]) for m in METRICS}, "seed": int(row["seed"]),
-                    "filter_removed": float(row.get("filter_removed") or 0)})
+                    "filter_removed": None if row.get("filter_removed") is None else float(row["filter_removed"] or 0)})
             except ValueError as error:
                 raise SystemExit(f"error: {path}:{line}: {error}. Fix: rebuild results.csv with launch/matrix.py") from None
     return out
@@ -66,6 +66,9 @@ def adaptive(rows: dict[tuple[str, str], list[dict[str, float]]], found: str, ot
     Only seeds where both methods finished count. Returns the rule's name and the rows with it added.
     """
     name = f"adaptive({found}|{other})"
+    if any(r["filter_removed"] is None for (m, _), group in rows.items() if m == found for r in group):
+        raise SystemExit("error: results.csv has no filter_removed column, so the rule cannot see whether the filter "
+                         "found a trigger. Fix: rebuild it with launch/matrix.py --config GRID --report-only")
     out = dict(rows)
     for (method, attack), group in rows.items():
         if method != found:

@@ -82,3 +82,7 @@ def test_adaptive_rule_takes_the_found_cell_only_where_its_filter_removed_rows(t
     assert verdict["cacc_drop"] == pytest.approx(82.0 - (82.5 + 79.0) / 2)
     assert _script().main(["--results", str(path), "--adaptive", "found", "other"]) == 0
     assert "trigger-added ASR of adaptive(found|other): 2.0 (target <= 5): met" in capsys.readouterr().out
+    # a results.csv from before the column existed is refused, not read as "the filter found nothing"
+    old = _csv(tmp_path, [("found", "badnets", 42, 82.0, 10.0, 15.0), ("other", "badnets", 42, 79.0, 25.0, 20.0)])
+    with pytest.raises(SystemExit, match="no filter_removed column"):
+        _script().adaptive(_script().load(old), "found", "other")
