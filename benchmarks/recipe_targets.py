@@ -65,7 +65,7 @@ def adaptive(rows: dict[tuple[str, str], list[dict[str, float]]], found: str, ot
 
     Only seeds where both methods finished count. Returns the rule's name and the rows with it added.
     """
-    name = f"adaptive({found}|{other})"
+    name = f"adaptive({found} else {other})"
     if any(r["filter_removed"] is None for (m, _), group in rows.items() if m == found for r in group):
         raise SystemExit("error: results.csv has no filter_removed column, so the rule cannot see whether the filter "
                          "found a trigger. Fix: rebuild it with launch/matrix.py --config GRID --report-only")

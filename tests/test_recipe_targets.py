@@ -74,14 +74,14 @@ def test_adaptive_rule_takes_the_found_cell_only_where_its_filter_removed_rows(t
     path.write_text(HEADER.strip() + ",filter_removed\n" + "".join(
         f"sst-2,minilm,{a},{m},,{s},{c},{asr},{fpr},{asr - fpr},1,{n}\n" for m, a, s, c, asr, fpr, n in rows))
     name, combined = _script().adaptive(_script().load(path), "found", "other")
-    assert name == "adaptive(found|other)"
+    assert name == "adaptive(found else other)"
     assert [r["cacc"] for r in combined[(name, "badnets")]] == [82.0, 83.0]  # the filter found the trigger
     assert [r["cacc"] for r in combined[(name, "stylebkd")]] == [79.0]  # it did not: the other method, seed 42 only
     verdict = _script().evaluate(combined, name, "vanilla")
     assert verdict["recipe_added"] == pytest.approx(((-5.0 + -3.0) / 2 + 8.0) / 2)
     assert verdict["cacc_drop"] == pytest.approx(82.0 - (82.5 + 79.0) / 2)
     assert _script().main(["--results", str(path), "--adaptive", "found", "other"]) == 0
-    assert "trigger-added ASR of adaptive(found|other): 2.0 (target <= 5): met" in capsys.readouterr().out
+    assert "trigger-added ASR of adaptive(found else other): 2.0 (target <= 5): met" in capsys.readouterr().out
     # a results.csv from before the column existed is refused, not read as "the filter found nothing"
     old = _csv(tmp_path, [("found", "badnets", 42, 82.0, 10.0, 15.0), ("other", "badnets", 42, 79.0, 25.0, 20.0)])
     with pytest.raises(SystemExit, match="no filter_removed column"):
