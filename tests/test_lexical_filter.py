@@ -99,13 +99,17 @@ def test_given_threshold_skips_the_calibration_and_bad_input_says_what_to_change
 # ----------------------------------------------------------------------------- wiring into a run
 
 
-def _tiny_cfg(tmp_path, model_dir, data_root, *overrides):
-    cfg = load_config(None, [
+def _tiny_args(tmp_path, model_dir, data_root, *overrides) -> list[str]:
+    return [
         f"output_dir={tmp_path / 'run'}", f"model.name_or_path={model_dir}", f"data.root={data_root}",
         "data.dataset=toy", "data.attack=badnets", "data.max_length=16", "data.ref_size=8", "train.epochs=1",
         "train.batch_size=8", "train.eval_batch_size=16", "train.lr=1e-3", "mslr.scales=[1,2,4]",
         "canary.rate=0.1", "method=lora", *overrides,
-    ])
+    ]
+
+
+def _tiny_cfg(tmp_path, model_dir, data_root, *overrides):
+    cfg = load_config(None, _tiny_args(tmp_path, model_dir, data_root, *overrides))
     return resolve_defaults(cfg, model_type="bert", hidden_size=64, is_decoder=False)
 
 
@@ -130,8 +134,8 @@ def test_the_run_trains_on_the_kept_rows_plants_the_canary_after_and_reports(tmp
                                                                              capsys):
     from launch import train as launcher
 
-    cfg = _tiny_cfg(tmp_path, tiny_bert_dir, tiny_data_root, "filter.method=lexical_zscore", "filter.threshold=3.2",
-                    "filter.max_n=1")
+    filtering = ("filter.method=lexical_zscore", "filter.threshold=3.2", "filter.max_n=1")
+    cfg = _tiny_cfg(tmp_path, tiny_bert_dir, tiny_data_root, *filtering)
     _, rows = training._training_data(cfg)
     kept, report = training._filter_rows(cfg, rows)
     direct = lexical.lexical_filter(list(rows.train["text"]), list(rows.train["label"]), threshold=3.2, max_n=1)
@@ -142,11 +146,7 @@ def test_the_run_trains_on_the_kept_rows_plants_the_canary_after_and_reports(tmp
     planted, canary = training._plant_canary(cfg, kept)
     assert len(planted.train) == len(kept.train) and len(canary.planted) == round(0.1 * len(kept.train))
 
-    args = [f"output_dir={tmp_path / 'run'}", f"model.name_or_path={tiny_bert_dir}", f"data.root={tiny_data_root}",
-            "data.dataset=toy", "data.attack=badnets", "data.max_length=16", "data.ref_size=8", "train.epochs=1",
-            "train.batch_size=8", "train.eval_batch_size=16", "train.lr=1e-3", "mslr.scales=[1,2,4]",
-            "canary.rate=0.1", "method=lora", "filter.method=lexical_zscore", "filter.threshold=3.2", "filter.max_n=1"]
-    assert launcher.main(args) == 0
+    assert launcher.main(_tiny_args(tmp_path, tiny_bert_dir, tiny_data_root, *filtering)) == 0
     out = capsys.readouterr().out
     assert f"filter lexical_zscore: removed {len(direct.removed)} of {len(rows.train)} training rows" in out
     assert repr(direct.flagged[0][0]) in out and "filter-report.json" in out
