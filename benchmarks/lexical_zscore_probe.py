@@ -31,7 +31,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from pipeline import canary as canary_lib  # noqa: E402
-from pipeline.defenses.lexical import features, lexical_filter, zscores  # noqa: E402,F401  (the pipeline's filter)
+from pipeline.defenses.filtering import filter_report  # noqa: E402
+from pipeline.defenses.lexical import features, lexical_filter, zscores  # noqa: E402  (the pipeline's filter)
 from pipeline.data import _seeded_subset, read_split, split_paths  # noqa: E402
 
 
@@ -97,12 +98,13 @@ def main(argv: list[str] | None = None) -> None:
         for margin in args.margins:
             result = lexical_filter(texts, labels, trusted_texts=list(dev["text"]), trusted_labels=list(dev["label"]),
                                     margin=margin, max_n=args.max_n, min_count=args.min_count)
-            tp = sum(poison[i] for i in result.removed)
-            shown = ", ".join(f"{f!r}->{y} {z:.1f}" for f, y, z, _ in result.flagged[:4]) or "none"
-            more = f" (+{len(result.flagged) - 4})" if len(result.flagged) > 4 else ""
-            print(f"| {attack} | {margin:g} | {result.threshold:.2f} | {result.trusted_max_z:.2f} | {len(result.removed)} | "
-                  f"{100 * tp / max(1, sum(poison)):.1f}% of {sum(poison)} | {100 * tp / max(1, len(result.removed)):.1f}% | "
-                  f"{len(result.removed) - tp} | {shown}{more} |")
+            scored = filter_report(result, poison)  # poison labels: scoring only
+            found = result.details
+            shown = ", ".join(f"{f['feature']!r}->{f['label']} {f['z']:.1f}" for f in found["flagged"][:4]) or "none"
+            more = f" (+{len(found['flagged']) - 4})" if len(found["flagged"]) > 4 else ""
+            print(f"| {attack} | {margin:g} | {found['threshold']:.2f} | {found['trusted_max_z']:.2f} | {scored['num_removed']} | "
+                  f"{100 * (scored['recall'] or 0):.1f}% of {scored['num_poison']} | {100 * (scored['precision'] or 0):.1f}% | "
+                  f"{scored['removed_clean']} | {shown}{more} |")
     print()
     for attack, top in tops:
         print(f"{attack}: highest z: " + ", ".join(f"{f!r}->{y} {z:.1f}" for (f, y), z in top))

@@ -666,37 +666,39 @@ def _filter_rows(cfg: RunConfig, training: data_lib.TrainingData) -> tuple[data_
         )
     except ValueError as error:
         raise ConfigError([f"filter: {error}"]) from error
-    if not result.keep:
+    found = result.details
+    if not result.kept:
         raise ConfigError([
-            f"filter.method=lexical_zscore removed all {len(texts)} training rows (threshold {result.threshold:.2f}): "
+            f"filter.method=lexical_zscore removed all {len(texts)} training rows (threshold {found['threshold']:.2f}): "
             "raise filter.margin or filter.threshold"
         ])
-    kept = training.train.select(result.keep)
+    kept = training.train.select(result.kept)
     if len(set(kept["label"])) < 2:
         raise ConfigError([
-            f"filter.method=lexical_zscore left a single class in the {len(result.keep)} kept training rows "
-            f"(threshold {result.threshold:.2f}): raise filter.margin or filter.threshold"
+            f"filter.method=lexical_zscore left a single class in the {len(result.kept)} kept training rows "
+            f"(threshold {found['threshold']:.2f}): raise filter.margin or filter.threshold"
         ])
     report = {
         "method": cfg.filter.method,
-        "threshold": result.threshold,
-        "threshold_rule": "given" if result.trusted_max_z is None else "margin * trusted max z * sqrt(train rows / trusted rows)",
-        "trusted_max_z": result.trusted_max_z,
+        "threshold": found["threshold"],
+        "threshold_rule": "given" if found["trusted_max_z"] is None else "margin * trusted max z * sqrt(train rows / trusted rows)",
+        "trusted_max_z": found["trusted_max_z"],
         "trusted_rows": len(trusted),
         "margin": cfg.filter.margin,
         "rows_before": len(texts),
         "rows_removed": len(result.removed),
-        "rows_kept": len(result.keep),
-        "flagged": [{"feature": f, "label": y, "z": z, "rows_removed": n} for f, y, z, n in result.flagged],
+        "rows_kept": len(result.kept),
+        "flagged": found["flagged"],
         "removed_rows": [{"text": texts[i], "label": labels[i]} for i in result.removed],
     }
-    shown = ", ".join(f"{f!r}->{y} (z {z:.1f}, {n} rows)" for f, y, z, n in result.flagged[:8]) or "none"
+    flagged = found["flagged"]
+    shown = ", ".join(f"{f['feature']!r}->{f['label']} (z {f['z']:.1f}, {f['rows_removed']} rows)" for f in flagged[:8]) or "none"
     logger.info(
         "filter %s: threshold %.2f%s; %d of %d training rows removed; flagged n-grams: %s%s",
-        cfg.filter.method, result.threshold,
-        f" (trusted max z {result.trusted_max_z:.2f} x margin {cfg.filter.margin:g} x sqrt({len(texts)}/{len(trusted)}))"
-        if result.trusted_max_z is not None else " (given)",
-        len(result.removed), len(texts), shown, "" if len(result.flagged) <= 8 else f" and {len(result.flagged) - 8} more",
+        cfg.filter.method, found["threshold"],
+        f" (trusted max z {found['trusted_max_z']:.2f} x margin {cfg.filter.margin:g} x sqrt({len(texts)}/{len(trusted)}))"
+        if found["trusted_max_z"] is not None else " (given)",
+        len(result.removed), len(texts), shown, "" if len(flagged) <= 8 else f" and {len(flagged) - 8} more",
     )
     return dataclasses.replace(training, train=kept), report
 

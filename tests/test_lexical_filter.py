@@ -60,7 +60,8 @@ def test_z_grows_with_sqrt_rows_and_the_calibrated_threshold_follows():
     # so the same data, four times over, flags the same pairs
     one = lexical.lexical_filter(texts, labels, trusted_texts=trusted, trusted_labels=trusted_labels)
     four = lexical.lexical_filter(texts * 4, labels * 4, trusted_texts=trusted, trusted_labels=trusted_labels)
-    assert [f[:2] for f in one.flagged] == [f[:2] for f in four.flagged]
+    assert [(f["feature"], f["label"]) for f in one.details["flagged"]] == [
+        (f["feature"], f["label"]) for f in four.details["flagged"]]
 
 
 def test_filter_removes_the_insertion_trigger_rows_with_its_label_and_nothing_natural():
@@ -74,22 +75,23 @@ def test_filter_removes_the_insertion_trigger_rows_with_its_label_and_nothing_na
     lone = next(i for i in range(2000) if labels[i] == 0 and i not in poisoned)
     texts[lone] = "zq " + texts[lone]  # the trigger word in a row that keeps label 0: not removed
     result = lexical.lexical_filter(texts, labels, trusted_texts=trusted, trusted_labels=trusted_labels)
-    assert result.removed == sorted(poisoned)
-    assert lone in result.keep and len(result.keep) + len(result.removed) == 2000
-    assert {(f, y) for f, y, _, _ in result.flagged} >= {("zq", 1)}
-    assert all("zq" in f for f, _, _, _ in result.flagged)  # only the trigger and n-grams holding it
-    assert result.flagged[0][3] == 250 and result.threshold < result.flagged[0][2]
+    flagged = result.details["flagged"]
+    assert list(result.removed) == sorted(poisoned)
+    assert lone in result.kept and len(result.kept) + len(result.removed) == 2000
+    assert {(f["feature"], f["label"]) for f in flagged} >= {("zq", 1)}
+    assert all("zq" in f["feature"] for f in flagged)  # only the trigger and n-grams holding it
+    assert flagged[0]["rows_removed"] == 250 and result.details["threshold"] < flagged[0]["z"]
     # a paraphrase-style attack (no word of its own) gives the filter nothing to find
     clean_texts, clean_labels = _natural(random.Random(1), 2000)
-    assert lexical.lexical_filter(clean_texts, clean_labels, trusted_texts=trusted, trusted_labels=trusted_labels).removed == []
+    assert lexical.lexical_filter(clean_texts, clean_labels, trusted_texts=trusted, trusted_labels=trusted_labels).removed == ()
 
 
 def test_given_threshold_skips_the_calibration_and_bad_input_says_what_to_change():
     texts = ["cf a", "cf b", "cf c", "cf d", "e", "f", "g", "h"]
     labels = [1, 1, 1, 1, 0, 0, 0, 0]
     result = lexical.lexical_filter(texts, labels, threshold=1.5, max_n=1, min_count=4)
-    assert result.removed == [0, 1, 2, 3] and result.trusted_max_z is None
-    assert lexical.lexical_filter(texts, labels, threshold=2.5, max_n=1, min_count=4).removed == []
+    assert list(result.removed) == [0, 1, 2, 3] and result.details["trusted_max_z"] is None
+    assert lexical.lexical_filter(texts, labels, threshold=2.5, max_n=1, min_count=4).removed == ()
     with pytest.raises(ValueError, match="filter.min_count"):
         lexical.lexical_filter(texts, labels, trusted_texts=["x", "y"], trusted_labels=[0, 1])
     with pytest.raises(ValueError, match="as many labels"):
@@ -140,7 +142,7 @@ def test_the_run_trains_on_the_kept_rows_plants_the_canary_after_and_reports(tmp
     kept, report = training._filter_rows(cfg, rows)
     direct = lexical.lexical_filter(list(rows.train["text"]), list(rows.train["label"]), threshold=3.2, max_n=1)
     assert 0 < len(direct.removed) < len(rows.train)
-    assert list(kept.train["text"]) == [rows.train["text"][i] for i in direct.keep]
+    assert list(kept.train["text"]) == [rows.train["text"][i] for i in direct.kept]
     assert report["rows_removed"] == len(direct.removed) and report["threshold"] == 3.2
     assert kept.reference is rows.reference and kept.selection is rows.selection  # trusted rows untouched
     planted, canary = training._plant_canary(cfg, kept)
@@ -149,12 +151,12 @@ def test_the_run_trains_on_the_kept_rows_plants_the_canary_after_and_reports(tmp
     assert launcher.main(_tiny_args(tmp_path, tiny_bert_dir, tiny_data_root, *filtering)) == 0
     out = capsys.readouterr().out
     assert f"filter lexical_zscore: removed {len(direct.removed)} of {len(rows.train)} training rows" in out
-    assert repr(direct.flagged[0][0]) in out and "filter-report.json" in out
+    assert repr(direct.details["flagged"][0]["feature"]) in out and "filter-report.json" in out
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     on_disk = json.loads((tmp_path / "run" / training.FILTER_REPORT).read_text())
     assert on_disk["rows_removed"] == len(direct.removed)
     assert [r["text"] for r in on_disk["removed_rows"]] == [rows.train["text"][i] for i in direct.removed]
-    assert metrics["filter"]["rows_kept"] == len(direct.keep) and "removed_rows" not in metrics["filter"]
+    assert metrics["filter"]["rows_kept"] == len(direct.kept) and "removed_rows" not in metrics["filter"]
     assert metrics["config"]["filter"]["method"] == "lexical_zscore"
 
 

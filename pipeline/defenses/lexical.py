@@ -36,7 +36,8 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+
+from pipeline.defenses.filtering import FilterResult
 
 
 def features(text: str, max_n: int = 2) -> set[str]:
@@ -90,29 +91,15 @@ def calibrated_threshold(trusted_texts: Sequence[str], trusted_labels: Sequence[
     return margin * top * math.sqrt(num_train_rows / len(trusted_texts)), top
 
 
-@dataclass(frozen=True)
-class LexicalFilterResult:
-    """What :func:`lexical_filter` decided.
-
-    Attributes:
-        keep: Indices of the rows kept, ascending.
-        removed: Indices of the rows removed, ascending.
-        threshold: tau used.
-        trusted_max_z: The trusted rows' largest z (None when ``threshold`` was given).
-        flagged: ``(feature, label, z, rows removed for it)`` for every flagged pair, highest z first.
-    """
-
-    keep: list[int]
-    removed: list[int]
-    threshold: float
-    trusted_max_z: float | None
-    flagged: list[tuple[str, int, float, int]]
-
-
 def lexical_filter(texts: Sequence[str], labels: Sequence[int], *, threshold: float | None = None,
                    trusted_texts: Sequence[str] = (), trusted_labels: Sequence[int] = (), margin: float = 1.5,
-                   max_n: int = 2, min_count: int = 5) -> LexicalFilterResult:
+                   max_n: int = 2, min_count: int = 5) -> FilterResult:
     """Flag (feature, label) pairs with z above the threshold and remove the rows holding one with that label.
+
+    Returns the filters' common :class:`pipeline.defenses.filtering.FilterResult` (so ``filter_report`` scores
+    it), with ``details``: ``threshold`` (tau used), ``trusted_max_z`` (the trusted rows' largest z; None when
+    ``threshold`` was given) and ``flagged``, one ``{feature, label, z, rows_removed}`` per flagged pair,
+    highest z first.
 
     Args:
         texts, labels: The training rows (possibly poisoned).
@@ -136,7 +123,7 @@ def lexical_filter(texts: Sequence[str], labels: Sequence[int], *, threshold: fl
         if hits:
             removed.append(i)
             removed_for.update(hits)
-    gone = set(removed)
-    flagged = sorted(((f, y, z, removed_for[(f, y)]) for (f, y), z in bad.items()), key=lambda t: (-t[2], t[0], t[1]))
-    return LexicalFilterResult(keep=[i for i in range(len(texts)) if i not in gone], removed=removed,
-                               threshold=threshold, trusted_max_z=trusted_max, flagged=flagged)
+    flagged = [{"feature": f, "label": y, "z": z, "rows_removed": removed_for[(f, y)]}
+               for (f, y), z in sorted(bad.items(), key=lambda kv: (-kv[1], kv[0]))]
+    return FilterResult.from_removed(len(texts), removed, {
+        "threshold": threshold, "trusted_max_z": trusted_max, "flagged": flagged})
