@@ -142,12 +142,22 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if os.environ.get("RANK", "0") != "0":
         return 0
+    recipe = f" recipe={metrics['recipe']}" if metrics.get("recipe") else ""
     print(
-        f"\nmethod={metrics['method']} attack={metrics['attack']} model={metrics['model']}\n"
+        f"\nmethod={metrics['method']}{recipe} attack={metrics['attack']} model={metrics['model']}\n"
         f"CACC {metrics['cacc']:.2f}%   ASR {metrics['asr']:.2f}%   "
-        f"(clean false-positive rate {metrics['clean_fpr']:.2f}%, best epoch {metrics['best_epoch']})\n"
+        f"(clean false-positive rate {metrics['clean_fpr']:.2f}%: the trigger adds "
+        f"{metrics['asr'] - metrics['clean_fpr']:.1f} points; best epoch {metrics['best_epoch']})\n"
         f"outputs: {Path(cfg.output_dir).resolve()}  (metrics.json, log.jsonl, train.log, adapter/)"
     )
+    if metrics.get("recipe") == "defended":
+        used = metrics["config"]  # the resolved settings
+        print(f"defence (recipe=defended, docs/RECIPE.md): training rows filtered by filter.method={used['filter']['method']}, "
+              f"then every update aligned to the gradient of {used['data']['ref_size']} trusted dev-clean rows (never the "
+              "raw gradient); recipe=authors runs the paper's settings")
+    elif metrics.get("recipe") == "authors":
+        print("defence (recipe=authors): the paper's settings; recipe=defended (the default) is the recipe that met "
+              "issue 11's targets (docs/RECIPE.md)")
     filtered = metrics.get("filter") or {}
     if filtered.get("method", "none") != "none":
         flagged = ", ".join(repr(f["feature"]) for f in filtered["flagged"][:6]) or "none"

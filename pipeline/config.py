@@ -34,7 +34,9 @@ computed every ``align.ref_every_steps`` steps and reused in between (default 1:
 
 Fields whose default is ``None`` and whose help says "auto" are filled by :func:`resolve_defaults`
 from the backbone family (encoder or decoder, model type, hidden size), following the authors'
-settings tabulated in REFERENCE.md. Validation collects every problem of a configuration and raises
+settings tabulated in REFERENCE.md, except that ``method = musclelora`` with ``recipe = defended`` (the
+default) takes issue 11's recipe for the reference size, the alignment gates and the training-row filter
+(:data:`DEFENDED_RECIPE`, docs/RECIPE.md); ``recipe = authors`` keeps the paper's values. Validation collects every problem of a configuration and raises
 one :class:`ConfigError` that lists them all, each with its key, its source (YAML file and line, or
 the command-line override), the value received and how to fix it.
 """
@@ -313,6 +315,12 @@ class DataConfig(_Validated):
         None, "auto (512 encoders, 4096 decoders): truncation length in tokens",
         check=_bounds(gt=0), auto=True,
     )
+    train_on_reference: bool = _field(
+        False,
+        "also train on the reference rows (appended after the filter and the canary; they stay out of model "
+        "selection): the fair comparator of a method that uses trusted rows, e.g. method=vanilla data.ref_size=600 "
+        "data.train_on_reference=true; not with method=ref_only (which trains on them alone)",
+    )
     max_train_samples: int | None = _field(
         None, "use only the first N training rows (null: all)", check=_bounds(gt=0)
     )
@@ -321,7 +329,8 @@ class DataConfig(_Validated):
     )
     ref_size: int | None = _field(
         None,
-        "auto (96 encoders, 128 decoders): clean reference samples drawn (seeded) from dev-clean and "
+        "auto (musclelora with recipe=defended: 600; otherwise 96 encoders, 128 decoders): clean reference samples "
+        "drawn (seeded) from dev-clean and "
         "removed from it",
         check=_bounds(gt=0), auto=True,
     )
@@ -389,21 +398,25 @@ class AlignConfig(_Validated):
     _prefix: ClassVar[str] = "align."
 
     min_ref_loss: float | None = _field(
-        None, "auto (0.4 encoders, 0 decoders): align fully only while the reference loss exceeds this",
+        None, "auto (recipe=authors: 0.4 encoders, 0 decoders; musclelora with recipe=defended: 0): align fully only while "
+        "the reference loss exceeds this",
         check=_bounds(ge=0), auto=True,
     )
-    min_ref_grad_norm: float = _field(
-        5e-7, "align fully only while the mean reference-gradient norm exceeds this",
-        check=_bounds(ge=0),
+    min_ref_grad_norm: float | None = _field(
+        None, "auto (recipe=authors: 5e-7; musclelora with recipe=defended: 0): align fully only while the mean "
+        "reference-gradient norm exceeds this",
+        check=_bounds(ge=0), auto=True,
     )
     max_raw_ratio: float | None = _field(
         None,
-        "auto (0.1 encoders, 0 decoders): final weight of the raw gradient in the mixed branch "
+        "auto (recipe=authors: 0.1 encoders, 0 decoders; musclelora with recipe=defended: 0): final weight of the raw "
+        "gradient in the mixed branch "
         "(0 disables mixing)",
         check=_bounds(ge=0, le=1), auto=True,
     )
     start_epoch: int | None = _field(
-        None, "auto (1 encoders, 0 decoders): first epoch (from 0) of the mixed branch",
+        None, "auto (recipe=authors: 1 encoders, 0 decoders; musclelora with recipe=defended: 0): first epoch (from 0) of "
+        "the mixed branch",
         check=_bounds(ge=0), auto=True,
     )
     fallback: Literal["raw", "skip"] = _field(
@@ -592,11 +605,13 @@ class FilterConfig(_Validated):
 
     _prefix: ClassVar[str] = "filter."
 
-    method: Literal["none", "lexical_zscore"] = _field(
-        "none",
-        "none: train on every row; lexical_zscore: remove rows holding a word n-gram whose label correlation "
+    method: Literal["none", "lexical_zscore"] | None = _field(
+        None,
+        "auto (lexical_zscore for method=musclelora with recipe=defended, none otherwise); none: train on every "
+        "row; lexical_zscore: remove rows holding a word n-gram whose label correlation "
         "(z-score) is far above anything natural (Z-defence's lexical part; removes insertion triggers, blind to "
         "paraphrase triggers); the removed rows and flagged n-grams go to filter-report.json",
+        auto=True,
     )
     threshold: float | None = _field(
         None,
@@ -623,6 +638,15 @@ class RunConfig(_Validated):
         "placement, adapter.*) as a baseline; prompt: peft soft-prompt tuning (prompt.*, encoders); prefix: "
         "prefix tuning, trainable keys/values in every attention layer (prefix.*, BERT-family encoders). prompt and "
         "prefix only reach the logits through the head: on MiniLM train it too (train.freeze_head=false, lr 1e-2)",
+    )
+    recipe: Literal["defended", "authors"] = _field(
+        "defended",
+        "what method=musclelora fills its auto keys with (other methods always take the authors' values). "
+        "defended: the recipe chosen in issue 11 (docs/RECIPE.md): filter.method=lexical_zscore, data.ref_size=600 "
+        "trusted rows, alignment on every step and never the raw gradient (align.min_ref_loss=0, "
+        "align.min_ref_grad_norm=0, align.max_raw_ratio=0, align.start_epoch=0); authors: the paper's (REFERENCE.md): "
+        "no filter, 96 (encoders) / 128 (decoders) reference rows, the raw-gradient gates (encoders: min_ref_loss 0.4, "
+        "max_raw_ratio 0.1 from epoch 1; min_ref_grad_norm 5e-7)",
     )
     seed: int = _field(42, "seed for sampling, initialisation and shuffling", check=_bounds(ge=0, lt=2**32))
     output_dir: str = _field(
@@ -705,6 +729,15 @@ def _cross_problems(
         problem = _ref_batch_problem(align["ref_batch_size"], data["ref_size"])
         if problem is not None:
             problems.append(problem)
+    if data is not None and data.get("train_on_reference") is True and top.get("method") == "ref_only":
+        problems.append(
+            _Problem(
+                "data.train_on_reference",
+                "is true with method=ref_only, which already trains on the reference rows alone",
+                "set data.train_on_reference=false, or use a method that trains on the training file",
+                True,
+            )
+        )
     if not {"resume", "overwrite"} & bad_keys and top.get("resume") is True and top.get("overwrite") is True:
         problems.append(
             _Problem(
@@ -1193,6 +1226,18 @@ _FAMILY_DEFAULTS: dict[bool, dict[str, dict[str, Any]]] = {
 }
 """Keyed by ``is_decoder``: the authors' encoder (BERT/RoBERTa) and decoder-LLM settings."""
 
+_AUTHORS_COMMON: dict[str, dict[str, Any]] = {"align": {"min_ref_grad_norm": 5e-7}, "filter": {"method": "none"}}
+"""The authors' values of the auto keys that do not depend on the family."""
+
+DEFENDED_RECIPE: dict[str, dict[str, Any]] = {
+    "data": {"ref_size": 600},
+    "align": {"min_ref_loss": 0.0, "min_ref_grad_norm": 0.0, "max_raw_ratio": 0.0, "start_epoch": 0},
+    "filter": {"method": "lexical_zscore"},
+}
+"""``recipe=defended`` (method=musclelora, either family): issue 11's recipe, ``zfilter_recipe_ref600`` in
+docs/filter_eval (chosen on dev-clean accuracy and the canary; docs/RECIPE.md). It replaces the authors'
+values of these auto keys; keys the config sets are kept."""
+
 _ENCODER_FAMILY = {"bert": "bert", "roberta": "roberta", "xlm-roberta": "roberta"}
 _LORA_TARGETS: dict[str, tuple[str, ...]] = {
     "bert": ("query", "value"),
@@ -1218,6 +1263,9 @@ _DECODER_SCALES = (1.0, 2.0, 3.0, 4.0)
 
 def resolve_defaults(cfg: RunConfig, *, model_type: str, hidden_size: int, is_decoder: bool) -> RunConfig:
     """Fills every "auto" (None) field from the backbone family; fields already set are kept.
+
+    The family's values are the authors' (REFERENCE.md); for ``method=musclelora`` with ``recipe=defended``
+    :data:`DEFENDED_RECIPE` replaces them for the reference size, the alignment gates and ``filter.method``.
 
     ``train.lr`` left auto becomes ``train.lr_full_finetune`` for the full fine-tuning methods (vanilla,
     ga) and ``train.lr_adapters`` for every other method. Also resolves ``data.setting="auto"``
@@ -1247,9 +1295,13 @@ def resolve_defaults(cfg: RunConfig, *, model_type: str, hidden_size: int, is_de
             [f"hidden_size: got {hidden_size!r}; must be a positive int. Fix: pass config.hidden_size"]
         )
     updates: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
-    for section, values in _FAMILY_DEFAULTS[bool(is_decoder)].items():
-        current = getattr(cfg, section)
-        updates[section].update({k: v for k, v in values.items() if getattr(current, k) is None})
+    layers = [_FAMILY_DEFAULTS[bool(is_decoder)], _AUTHORS_COMMON]
+    if cfg.method == "musclelora" and cfg.recipe == "defended":
+        layers.append(DEFENDED_RECIPE)  # later layers win
+    for layer in layers:
+        for section, values in layer.items():
+            current = getattr(cfg, section)
+            updates[section].update({k: v for k, v in values.items() if getattr(current, k) is None})
     if cfg.train.lr is None:
         # Each method family its own learning rate: full fine-tuning moves every backbone weight and
         # wants the authors' small lr; adapters start from zero (or random) and may need a larger one.

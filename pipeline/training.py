@@ -40,6 +40,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import datasets
 import torch
 import yaml
 from torch import nn
@@ -718,6 +719,17 @@ def _plant_canary(cfg: RunConfig, training: data_lib.TrainingData) -> tuple[data
     return dataclasses.replace(training, train=data.train), data
 
 
+def _add_reference_rows(cfg: RunConfig, training: data_lib.TrainingData) -> data_lib.TrainingData:
+    """``data.train_on_reference``: append the trusted reference rows to the (filtered, canaried) training rows."""
+    if not cfg.data.train_on_reference:
+        return training
+    columns = training.train.column_names
+    trusted = training.reference.select_columns(columns).cast(training.train.features)
+    logger.info("data.train_on_reference: training on %d rows of the training file + the %d trusted reference rows",
+                len(training.train), len(trusted))
+    return dataclasses.replace(training, train=datasets.concatenate_datasets([training.train, trusted]))
+
+
 def _validated_setup(
     cfg: RunConfig,
     *,
@@ -801,6 +813,7 @@ def plan_run(
         _, training = _training_data(cfg)
         training, _ = _filter_rows(cfg, training)
         training, _ = _plant_canary(cfg, training)
+        training = _add_reference_rows(cfg, training)
         seq_len = longest_row(*(data_lib.encode(ds, tokenizer, max_length=cfg.data.max_length)
                                 for ds in (training.train, training.reference)))
     skeleton = modeling.skeleton_classifier(
@@ -1044,6 +1057,7 @@ def _run(cfg: RunConfig, runtime: dist.Runtime, ds_raw: Mapping[str, Any] | None
     paths, file_training = _training_data(cfg)
     file_training, filter_report = _filter_rows(cfg, file_training)
     training, canary_data = _plant_canary(cfg, file_training)
+    training = _add_reference_rows(cfg, training)
     evaluation = data_lib.load_evaluation_data(
         paths, num_labels=cfg.model.num_labels, max_eval_samples=cfg.data.max_eval_samples, seed=cfg.seed
     )
@@ -1523,6 +1537,7 @@ def _final_evaluation(
     fpr = ev.clean_false_positive_rate(clean_preds, clean_labels, target)
     metrics = {
         "method": cfg.method,
+        "recipe": cfg.recipe if cfg.method == "musclelora" else None,
         "dataset": cfg.data.dataset,
         "attack": cfg.data.attack,
         "model": cfg.model.name_or_path,

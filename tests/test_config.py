@@ -34,7 +34,7 @@ AUTO_KEYS = {
     "data.max_length", "data.ref_size", "lora.r", "lora.alpha", "lora.target_modules", "mslr.targets",
     "mslr.scales", "mslr.alpha", "align.min_ref_loss", "align.max_raw_ratio", "align.start_epoch",
     "train.epochs", "train.batch_size", "train.lr", "train.lr_full_finetune", "train.lr_adapters", "adapter.targets",
-    "canary.target_label",
+    "canary.target_label", "align.min_ref_grad_norm", "filter.method",
 }
 
 
@@ -70,7 +70,7 @@ def test_defaults_are_valid_and_match_the_schema():
     assert cfg.model.name_or_path == "minilm" and cfg.model.dtype == "float32"
     assert cfg.data.root == "../shared/data/poison_data" and cfg.data.poison_rate == "0.1"
     assert cfg.data.setting == "auto" and cfg.mslr.rank == 1 and cfg.mslr.init == "kaiming"
-    assert cfg.align.min_ref_grad_norm == 5e-7 and cfg.train.max_steps == -1
+    assert cfg.align.min_ref_grad_norm is None and cfg.recipe == "defended" and cfg.train.max_steps == -1
     assert cfg.train.eval_batch_size == 64 and cfg.train.freeze_head is True
     assert {k for k in _all_keys() if _get(cfg, k) is None} == AUTO_KEYS | {
         "data.max_train_samples", "data.max_eval_samples", "train.num_threads", "canary.seed", "align.ref_batch_size",
@@ -244,7 +244,7 @@ def test_unknown_key_lists_valid_keys_and_suggestion(tmp_path):
     valid_train = ", ".join(f.name for f in dataclasses.fields(TrainConfig))
     assert f"train.epoch ({path} line 3): unknown key; valid keys in section 'train': {valid_train}" in text
     assert "Fix: rename it to 'train.epochs'" in text
-    assert re.search(r"modle \(.* line 4\): unknown key; valid keys at the top level: method, seed, .*"
+    assert re.search(r"modle \(.* line 4\): unknown key; valid keys at the top level: method, recipe, seed, .*"
                      r"Fix: rename it to 'model'", text)
     assert re.search(r"train\.learning_rat .*Fix: rename it to 'train\.(lr|warmup_ratio)'", text)
 
@@ -374,7 +374,7 @@ def _resolved(model_type: str, hidden: int, decoder: bool, overrides=()) -> RunC
     ],
 )
 def test_resolve_defaults_encoders(model_type, hidden, targets, scales):
-    cfg = _resolved(model_type, hidden, False)
+    cfg = _resolved(model_type, hidden, False, ["recipe=authors"])
     assert cfg.mslr.targets == targets and cfg.mslr.scales == [float(k) for k in scales]
     assert cfg.lora.target_modules == ["query", "value"]
     assert (cfg.lora.r, cfg.lora.alpha, cfg.mslr.alpha, cfg.mslr.rank) == (8, 32.0, 6.0, 1)
@@ -386,7 +386,7 @@ def test_resolve_defaults_encoders(model_type, hidden, targets, scales):
 
 @pytest.mark.parametrize(("model_type", "lora_targets"), [("llama", ["q_proj", "v_proj"]), ("gpt2", ["c_attn"])])
 def test_resolve_defaults_decoders(model_type, lora_targets):
-    cfg = _resolved(model_type, 64, True, ["data.attack=addsent"])
+    cfg = _resolved(model_type, 64, True, ["data.attack=addsent", "recipe=authors"])
     assert cfg.lora.target_modules == lora_targets
     assert cfg.mslr.targets == ["score.dense"] and cfg.mslr.scales == [1.0, 2.0, 3.0, 4.0]
     assert (cfg.lora.r, cfg.lora.alpha, cfg.mslr.alpha) == (2, 8.0, 4.0)
@@ -394,6 +394,34 @@ def test_resolve_defaults_decoders(model_type, lora_targets):
     assert cfg.align.min_ref_grad_norm == 5e-7
     assert (cfg.train.epochs, cfg.train.batch_size, cfg.train.lr) == (5, 16, 1e-5)
     assert (cfg.data.max_length, cfg.data.ref_size, cfg.data.setting) == (4096, 128, "mix")
+
+
+@pytest.mark.parametrize("decoder", [False, True])
+def test_musclelora_defaults_to_the_defended_recipe_and_the_authors_are_one_setting_away(decoder):
+    model_type, hidden = ("llama", 64) if decoder else ("bert", 384)
+    defended = _resolved(model_type, hidden, decoder)
+    authors = _resolved(model_type, hidden, decoder, ["recipe=authors"])
+    assert defended.recipe == "defended" and authors.recipe == "authors"
+    gates = ("min_ref_loss", "min_ref_grad_norm", "max_raw_ratio", "start_epoch")
+    assert [getattr(defended.align, k) for k in gates] == [0.0, 0.0, 0.0, 0]
+    assert (defended.data.ref_size, defended.filter.method) == (600, "lexical_zscore")
+    assert [getattr(authors.align, k) for k in gates] == ([0.0, 5e-7, 0.0, 0] if decoder else [0.4, 5e-7, 0.1, 1])
+    assert (authors.data.ref_size, authors.filter.method) == (128 if decoder else 96, "none")
+    # the recipe touches only its own keys: everything else is the family's
+    same = dataclasses.replace(defended, recipe="authors", data=authors.data, align=authors.align, filter=authors.filter)
+    assert same == authors
+    # keys the config sets are kept under either recipe
+    kept = _resolved(model_type, hidden, decoder, ["data.ref_size=384", "filter.method=none", "align.min_ref_loss=0.4"])
+    assert (kept.data.ref_size, kept.filter.method, kept.align.min_ref_loss) == (384, "none", 0.4)
+    assert kept.align.max_raw_ratio == 0.0 and kept.align.min_ref_grad_norm == 0.0
+
+
+@pytest.mark.parametrize("method", ["ga", "ga_lora", "lora_mslr", "ref_only", "vanilla", "lora"])
+def test_the_recipe_leaves_every_other_method_at_the_authors_values(method):
+    other = _resolved("bert", 384, False, [f"method={method}"])
+    authors = _resolved("bert", 384, False, [f"method={method}", "recipe=authors"])
+    assert dataclasses.replace(other, recipe="authors") == authors
+    assert (other.data.ref_size, other.filter.method, other.align.min_ref_grad_norm) == (96, "none", 5e-7)
 
 
 def test_resolve_defaults_keeps_set_values_and_is_idempotent():
@@ -438,7 +466,7 @@ def test_resolve_defaults_rejects_bad_model_description():
 
 def test_describe_keys_covers_every_field():
     rows = describe_keys()
-    assert [r[0] for r in rows if "." not in r[0]] == ["method", "seed", "output_dir", "resume", "overwrite"]
+    assert [r[0] for r in rows if "." not in r[0]] == ["method", "recipe", "seed", "output_dir", "resume", "overwrite"]
     assert {r[0] for r in rows} == _all_keys() and len(rows) == len(_all_keys())
     by_key = {key: (type_name, default, help_text) for key, type_name, default, help_text in rows}
     assert all(help_text for _, _, help_text in by_key.values())
@@ -446,7 +474,7 @@ def test_describe_keys_covers_every_field():
     assert by_key["train.lr"][0] == "float | null" and by_key["mslr.scales"][0] == "list[float] | null"
     assert by_key["train.device"][:2] == ("auto|cpu|cuda", "auto")
     assert by_key["resume"][:2] == ("bool", "false") and by_key["data.max_train_samples"][1] == "null"
-    assert by_key["align.min_ref_grad_norm"][1] == "5e-07" and by_key["data.poison_rate"][:2] == ("str", "0.1")
+    assert by_key["align.min_ref_grad_norm"][1] == "auto" and by_key["recipe"][:2] == ("defended|authors", "defended") and by_key["data.poison_rate"][:2] == ("str", "0.1")
 
 
 def test_method_helpers():
@@ -496,7 +524,7 @@ def test_demo_and_minilm_configs():
 def test_authors_configs_match_the_automatic_defaults(name, model_type):
     cfg = load_config(CONFIG_DIR / name)
     assert cfg.model.name_or_path.startswith("/path/to/")
-    auto = _resolved(model_type, 768, False)
+    auto = _resolved(model_type, 768, False, ["recipe=authors"])
     # The bottleneck baseline and the canary are not part of the authors' recipe; train.lr set in the file
     # applies to every method, so the per-family lrs do not matter there.
     for key in sorted(AUTO_KEYS - {"adapter.targets", "canary.target_label", "train.lr_full_finetune", "train.lr_adapters"}):
@@ -508,7 +536,7 @@ def test_authors_configs_match_the_automatic_defaults(name, model_type):
 def test_llm_recipes_are_the_authors_decoder_defaults(name, model_type):
     cfg = load_config(CONFIG_DIR / name)
     assert cfg.model.name_or_path.startswith("/path/to/") and cfg.model.dtype == "bfloat16"
-    auto = resolve_defaults(load_config(None, ["model.name_or_path=/x", "model.dtype=bfloat16"]), model_type=model_type,
+    auto = resolve_defaults(load_config(None, ["model.name_or_path=/x", "model.dtype=bfloat16", "recipe=authors"]), model_type=model_type,
                             hidden_size=4096, is_decoder=True)
     resolved = resolve_defaults(cfg, model_type=model_type, hidden_size=4096, is_decoder=True)
     for section in ("lora", "mslr", "align"):

@@ -1,0 +1,86 @@
+"""The defended recipe as musclelora's default (issue 11 step 4) and the trusted-rows comparator
+(data.train_on_reference): what a run resolves, trains on and prints."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from pipeline import training
+from pipeline.config import ConfigError, load_config, resolve_defaults
+
+
+def _args(tmp_path, model_dir, data_root, *overrides) -> list[str]:
+    return [
+        f"output_dir={tmp_path / 'run'}", f"model.name_or_path={model_dir}", f"data.root={data_root}",
+        "data.dataset=toy", "data.attack=badnets", "data.max_length=16", "data.ref_size=8", "train.epochs=1",
+        "train.batch_size=8", "train.eval_batch_size=16", "train.lr=1e-3", "mslr.scales=[1,2,4]",
+        "canary.rate=0.1", *overrides,
+    ]
+
+
+def _cfg(tmp_path, model_dir, data_root, *overrides):
+    cfg = load_config(None, _args(tmp_path, model_dir, data_root, *overrides))
+    return resolve_defaults(cfg, model_type="bert", hidden_size=64, is_decoder=False)
+
+
+def test_train_on_reference_appends_the_trusted_rows_after_the_filter_and_the_canary(tmp_path, tiny_bert_dir,
+                                                                                   tiny_data_root):
+    cfg = _cfg(tmp_path, tiny_bert_dir, tiny_data_root, "method=vanilla", "data.train_on_reference=true")
+    _, rows = training._training_data(cfg)
+    planted, canary = training._plant_canary(cfg, rows)
+    added = training._add_reference_rows(cfg, planted)
+    n_file, n_ref = len(planted.train), len(rows.reference)
+    assert len(added.train) == n_file + n_ref and n_ref == 8
+    assert list(added.train["text"][:n_file]) == list(planted.train["text"])
+    assert list(added.train["text"][n_file:]) == list(rows.reference["text"])
+    assert list(added.train["label"][n_file:]) == list(rows.reference["label"])  # trusted rows keep their labels
+    def canaried(text):
+        return set(canary.spec.trigger) <= set(text.split())
+
+    # the canary is planted in the file's rows only
+    assert sum(map(canaried, added.train["text"][:n_file])) == len(canary.planted) > 0
+    assert not any(map(canaried, added.train["text"][n_file:]))
+    assert added.reference is planted.reference and added.selection is planted.selection
+    off = _cfg(tmp_path, tiny_bert_dir, tiny_data_root, "method=vanilla")
+    assert training._add_reference_rows(off, planted) is planted
+
+
+def test_train_on_reference_is_refused_with_ref_only():
+    with pytest.raises(ConfigError, match=r"data\.train_on_reference.*method=ref_only.*Fix: set data\.train_on_reference=false"):
+        load_config(None, ["method=ref_only", "data.train_on_reference=true"])
+
+
+def test_a_vanilla_run_with_the_trusted_rows_trains_on_them(tmp_path, tiny_bert_dir, tiny_data_root):
+    from launch import train as launcher
+
+    assert launcher.main(_args(tmp_path, tiny_bert_dir, tiny_data_root, "method=vanilla", "data.train_on_reference=true")) == 0
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    _, rows = training._training_data(_cfg(tmp_path, tiny_bert_dir, tiny_data_root, "method=vanilla"))
+    assert metrics["global_steps"] == math.ceil((len(rows.train) + 8) / 8)  # one epoch over file + trusted rows
+    assert metrics["config"]["data"]["train_on_reference"] is True and metrics["recipe"] is None
+
+
+@pytest.mark.parametrize("recipe", ["defended", "authors"])
+def test_the_launcher_says_which_recipe_defended_the_run(tmp_path, tiny_bert_dir, tiny_data_root, capsys, recipe):
+    from launch import train as launcher
+
+    extra = [] if recipe == "defended" else ["recipe=authors"]  # defended is musclelora's default
+    assert launcher.main(_args(tmp_path, tiny_bert_dir, tiny_data_root, "method=musclelora", *extra)) == 0
+    out = capsys.readouterr().out
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    used = metrics["config"]
+    assert metrics["recipe"] == recipe and f"method=musclelora recipe={recipe} " in out
+    assert f"the trigger adds {metrics['asr'] - metrics['clean_fpr']:.1f} points" in out
+    if recipe == "defended":
+        assert used["filter"]["method"] == "lexical_zscore" and metrics["filter"]["method"] == "lexical_zscore"
+        assert [used["align"][k] for k in ("min_ref_loss", "min_ref_grad_norm", "max_raw_ratio", "start_epoch")] == [0, 0, 0, 0]
+        assert "defence (recipe=defended, docs/RECIPE.md): training rows filtered by filter.method=lexical_zscore" in out
+        assert "gradient of 8 trusted dev-clean rows" in out  # the config's data.ref_size=8 is kept
+        assert (tmp_path / "run" / training.FILTER_REPORT).is_file()
+    else:
+        assert used["filter"]["method"] == "none" and used["align"]["min_ref_loss"] == 0.4
+        assert "defence (recipe=authors): the paper's settings" in out
+        assert not (tmp_path / "run" / training.FILTER_REPORT).exists()
