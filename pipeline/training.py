@@ -1200,9 +1200,19 @@ def _check_resumable_config(output_dir: Path, resolved: dict[str, Any]) -> None:
         elif a != b:
             diffs.append(f"{prefix.rstrip('.')}: saved {a!r}, now {b!r}")
 
+    # Written before the key existed, when musclelora had the authors' values (other methods ignore it).
+    before_recipe = "recipe" not in saved and saved.get("method") == "musclelora"
+    if before_recipe:
+        saved = {**saved, "recipe": "authors"}
     walk(saved, resolved, "", defaults)
     if diffs:
-        raise ConfigError([f"resume=true but the config differs from {saved_path}: {d}" for d in diffs])
+        problems = [f"resume=true but the config differs from {saved_path}: {d}" for d in diffs]
+        if before_recipe and resolved.get("method") == "musclelora" and resolved.get("recipe") == "defended":
+            problems.append(
+                f"{saved_path} was written before recipe=defended became musclelora's default (2026-12-05; "
+                "docs/RECIPE.md). Fix: add the override recipe=authors to resume it with the settings it was trained with"
+            )
+        raise ConfigError(problems)
 
 
 def _train_and_evaluate(

@@ -84,3 +84,24 @@ def test_the_launcher_says_which_recipe_defended_the_run(tmp_path, tiny_bert_dir
         assert used["filter"]["method"] == "none" and used["align"]["min_ref_loss"] == 0.4
         assert "defence (recipe=authors): the paper's settings" in out
         assert not (tmp_path / "run" / training.FILTER_REPORT).exists()
+
+
+def test_resuming_a_run_saved_before_the_recipe_says_to_add_recipe_authors(tmp_path, tiny_bert_dir, tiny_data_root):
+    import yaml
+
+    from pipeline.config import config_to_dict
+
+    old = config_to_dict(_cfg(tmp_path, tiny_bert_dir, tiny_data_root, "method=musclelora", "recipe=authors"))
+    del old["recipe"]  # what the code before the recipe key wrote
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old, sort_keys=False))
+    now = config_to_dict(_cfg(tmp_path, tiny_bert_dir, tiny_data_root, "method=musclelora"))
+    with pytest.raises(ConfigError) as info:
+        training._check_resumable_config(tmp_path, now)
+    problems = info.value.problems
+    assert any("filter.method: saved 'none', now 'lexical_zscore'" in p for p in problems)
+    assert "Fix: add the override recipe=authors" in problems[-1]
+    authors = config_to_dict(_cfg(tmp_path, tiny_bert_dir, tiny_data_root, "method=musclelora", "recipe=authors"))
+    training._check_resumable_config(tmp_path, authors)  # the settings it was trained with: resumes
+    vanilla = config_to_dict(_cfg(tmp_path, tiny_bert_dir, tiny_data_root, "method=vanilla"))
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({k: v for k, v in vanilla.items() if k != "recipe"}))
+    training._check_resumable_config(tmp_path, vanilla)  # other methods ignore the recipe: an old run resumes
