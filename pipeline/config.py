@@ -1359,7 +1359,9 @@ def resolve_defaults(cfg: RunConfig, *, model_type: str, hidden_size: int, is_de
             )
     ref_problem = _ref_batch_problem(cfg.align.ref_batch_size, updates["data"].get("ref_size", cfg.data.ref_size))
     if ref_problem is not None:  # data.ref_size was auto at load time: checked once it is known
-        problems.append(ref_problem.render(f"data.ref_size auto for {'decoders' if is_decoder else 'encoders'}"))
+        source = ("musclelora's recipe=defended" if DEFENDED_RECIPE["data"]["ref_size"] == updates["data"].get("ref_size")
+                  and cfg.method == "musclelora" and cfg.recipe == "defended" else "decoders" if is_decoder else "encoders")
+        problems.append(ref_problem.render(f"data.ref_size auto for {source}"))
     if problems:
         raise ConfigError(problems)
     filled = [f"{s}.{k}" for s, values in updates.items() for k in values]

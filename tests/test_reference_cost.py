@@ -99,10 +99,15 @@ def test_ref_batch_larger_than_the_reference_set_is_refused():
         load_config(None, ["align.ref_batch_size=100", "data.ref_size=96"])
     assert load_config(None, ["align.ref_batch_size=96", "data.ref_size=96"]).align.ref_batch_size == 96
     # data.ref_size left auto: checked once the family's default (96 for encoders) is filled in.
-    cfg = load_config(None, ["align.ref_batch_size=100"])
+    cfg = load_config(None, ["align.ref_batch_size=100", "recipe=authors"])
     with pytest.raises(ConfigError, match=r"align.ref_batch_size \(data.ref_size auto for encoders\): got 100; .*\(96\)"):
         resolve_defaults(cfg, model_type="bert", hidden_size=384, is_decoder=False)
-    resolve_defaults(load_config(None, ["align.ref_batch_size=100"]), model_type="llama", hidden_size=64, is_decoder=True)
+    resolve_defaults(cfg, model_type="llama", hidden_size=64, is_decoder=True)
+    # musclelora's default recipe draws 600 reference rows
+    resolve_defaults(load_config(None, ["align.ref_batch_size=100"]), model_type="bert", hidden_size=384, is_decoder=False)
+    with pytest.raises(ConfigError, match=r"align.ref_batch_size \(data.ref_size auto for musclelora's recipe=defended\): "
+                                          r"got 700; .*\(600\)"):
+        resolve_defaults(load_config(None, ["align.ref_batch_size=700"]), model_type="bert", hidden_size=384, is_decoder=False)
 
 
 # ----------------------------------------------------------------------------- ranks
