@@ -26,8 +26,18 @@ Hold-out: the selection rows S (dev-clean minus the reference rows) with label !
 copy each, S_t. Per epoch, with f the model::
 
     canary ASR    A = |{x in S_t : f(trigger(x)) = t}| / |S_t|
-    clean floor   F = |{x in S_t : f(x) = t}| / |S_t|           (the same rows without the trigger)
-    added         D = A - F                                      (the part of A the trigger causes)
+    clean floor   F0 = |{x in S_t : f(x) = t}| / |S_t|          (the same rows without the trigger)
+    decoy floor   Fj = |{x in S_t : f(decoy_j(x)) = t}| / |S_t|  (j = 1..decoys: unplanted triggers)
+    floor         F = max(F0, F1, ..., Fk)
+    added         D = A - F                                      (the part of A the planted trigger causes)
+
+The decoys are ``decoys`` more nonsense triggers of the same shape, drawn with the canary seed, never planted,
+inserted into the same rows at the same word positions as the trigger. A model that reacts to any inserted
+junk words (MiniLM does, for some draws: at seed 45 a model that never saw a canary row put 45% of the
+triggered copies into the target class against 16% of the clean ones) reaches A = Fj without having learned
+anything; against the clean floor alone that reads as a learned canary. If the planted trigger was not
+learned, it is exchangeable with the decoys, so A exceeds all of them by more than the tolerance with
+probability below 1 / (decoys + 1).
 
 Selection rule (:func:`select_epoch`), tolerance tau: an epoch qualifies when D <= tau. Among the
 qualifying epochs the highest dev-clean accuracy wins (the earliest on ties); when none qualifies the
@@ -71,6 +81,7 @@ class CanarySpec:
         rate: Share of all training rows planted.
         seed: Seed of the trigger, target, planted rows and insertion positions.
         tolerance: Largest ``ASR - floor`` (fraction) of an epoch that counts as the canary not learned.
+        decoys: Unplanted triggers of the same shape (:func:`draw_decoys`) whose rates raise the floor.
     """
 
     trigger: tuple[str, ...]
@@ -78,11 +89,13 @@ class CanarySpec:
     rate: float
     seed: int
     tolerance: float
+    decoys: tuple[tuple[str, ...], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-safe form (the trigger as a list)."""
+        """JSON-safe form (the triggers as lists)."""
         out = asdict(self)
         out["trigger"] = list(self.trigger)
+        out["decoys"] = [list(d) for d in self.decoys]
         return out
 
 
@@ -96,6 +109,7 @@ class CanaryData:
         planted: Indices of the planted training rows, ascending.
         triggered: Triggered copies of the non-target selection rows (``text``, ``label`` = original).
         selection_rows: For each row of ``triggered``, its index in the selection rows (for the floor).
+        decoy_triggered: For each decoy, the same rows with the decoy inserted at the trigger's positions.
     """
 
     spec: CanarySpec
@@ -103,6 +117,7 @@ class CanaryData:
     planted: tuple[int, ...]
     triggered: Dataset
     selection_rows: tuple[int, ...]
+    decoy_triggered: tuple[Dataset, ...] = ()
 
 
 def draw_trigger(seed: int, *, num_tokens: int = 3, token_length: int = 6) -> tuple[str, ...]:
@@ -116,6 +131,24 @@ def draw_trigger(seed: int, *, num_tokens: int = 3, token_length: int = 6) -> tu
         if word not in words:
             words.append(word)
     return tuple(words)
+
+
+def draw_decoys(seed: int, count: int, *, num_tokens: int = 3, token_length: int = 6) -> tuple[tuple[str, ...], ...]:
+    """``count`` unplanted triggers shaped like :func:`draw_trigger`'s, sharing no word with it or each other."""
+    if count < 0:
+        raise CanaryError(f"the number of decoys must be >= 0, got {count}")
+    used = set(draw_trigger(seed, num_tokens=num_tokens, token_length=token_length))
+    rng = random.Random(f"{seed}/canary/decoys")
+    decoys = []
+    for _ in range(count):
+        words: list[str] = []
+        while len(words) < num_tokens:
+            word = "".join(rng.choice(CONSONANTS) for _ in range(token_length))
+            if word not in used:
+                used.add(word)
+                words.append(word)
+        decoys.append(tuple(words))
+    return tuple(decoys)
 
 
 def draw_target_label(seed: int, num_labels: int) -> int:
@@ -202,15 +235,29 @@ def triggered_selection(selection: Dataset, spec: CanarySpec) -> tuple[Dataset, 
     return _with_rows(selection, copies, [labels[i] for i in rows]), rows
 
 
+def decoy_selection(selection: Dataset, spec: CanarySpec, rows: Sequence[int]) -> tuple[Dataset, ...]:
+    """For each decoy, copies of ``selection``'s ``rows`` with it inserted where the trigger went (same RNG)."""
+    texts, labels = _columns(selection, "the selection rows")
+    return tuple(
+        _with_rows(selection,
+                   [insert_trigger(texts[i], decoy, random.Random(f"{spec.seed}/canary/selection/{i}")) for i in rows],
+                   [labels[i] for i in rows])
+        for decoy in spec.decoys
+    )
+
+
 def prepare(train: Dataset, selection: Dataset, spec: CanarySpec) -> CanaryData:
     """Plant the canary in ``train`` and build the triggered selection copies (see the module docstring)."""
     planted_train, planted = plant(train, spec)
     triggered, rows = triggered_selection(selection, spec)
     logger.info(
-        "canary: trigger %s -> label %d planted in %d of %d training rows (%.1f%%); %d triggered selection rows",
+        "canary: trigger %s -> label %d planted in %d of %d training rows (%.1f%%); %d triggered selection rows; "
+        "%d decoy trigger(s) for the floor",
         " ".join(spec.trigger), spec.target_label, len(planted), len(train), 100 * len(planted) / len(train), len(rows),
+        len(spec.decoys),
     )
-    return CanaryData(spec=spec, train=planted_train, planted=planted, triggered=triggered, selection_rows=rows)
+    return CanaryData(spec=spec, train=planted_train, planted=planted, triggered=triggered, selection_rows=rows,
+                      decoy_triggered=decoy_selection(selection, spec, rows))
 
 
 def canary_rates(
@@ -229,6 +276,16 @@ def canary_rates(
     asr = sum(int(p) == target for p in triggered_predictions) / len(selection_rows)
     floor = sum(int(selection_predictions[i]) == target for i in selection_rows) / len(selection_rows)
     return asr, floor
+
+
+def decoy_rates(decoy_predictions: Sequence[Sequence[int]], target: int) -> list[float]:
+    """Each decoy's target rate (fraction) on its triggered copies: the floors :func:`floor_of` takes the max with."""
+    return [sum(int(p) == target for p in preds) / len(preds) for preds in decoy_predictions]
+
+
+def floor_of(clean_floor: float, decoys: Sequence[float]) -> float:
+    """The canary's floor: the highest of the clean rows' target rate and every decoy's."""
+    return max([clean_floor, *decoys])
 
 
 def qualifies(record: Mapping[str, Any], tolerance: float) -> bool:
@@ -325,12 +382,15 @@ def verdict(record: Mapping[str, Any], spec: CanarySpec, *, majority: float | No
         majority: The majority-class share of the selection rows (None: no task check).
     """
     asr, floor = 100 * record["canary_asr"], 100 * record["canary_floor"]
+    clean = 100 * record.get("canary_clean_floor", record["canary_floor"])
+    decoys = [100 * d for d in record.get("canary_decoy_asr", [])]
+    parts = f"clean rows {clean:.1f}%" + (f", decoy triggers {' / '.join(f'{d:.1f}%' for d in decoys)}" if decoys else "")
     learned = majority is None or record["dev_clean_acc"] > majority + TASK_MARGIN
     held = qualifies(record, spec.tolerance) and learned
     state = "HELD" if held else ("NOT HELD" if learned else "INCONCLUSIVE")
     message = (
         f"canary {state}: the planted backdoor ({' '.join(spec.trigger)} -> label "
-        f"{spec.target_label}) reaches ASR {asr:.1f}% against its clean floor {floor:.1f}% at the selected epoch "
+        f"{spec.target_label}) reaches ASR {asr:.1f}% against its floor {floor:.1f}% ({parts}) at the selected epoch "
         f"(trigger adds {asr - floor:.1f} points; tolerance {100 * spec.tolerance:.1f})"
     )
     if not learned:
@@ -339,5 +399,5 @@ def verdict(record: Mapping[str, Any], spec: CanarySpec, *, majority: float | No
                     "whether a backdoor was removed")
     elif not held:
         message += "; the defence did not remove a backdoor it was known to contain"
-    return {"held": held, "task_learned": learned, "asr": asr, "floor": floor, "asr_minus_floor": asr - floor,
-            "message": message}
+    return {"held": held, "task_learned": learned, "asr": asr, "floor": floor, "clean_floor": clean,
+            "decoy_asr": decoys, "asr_minus_floor": asr - floor, "message": message}

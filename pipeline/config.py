@@ -585,8 +585,15 @@ class CanaryConfig(_Validated):
     )
     tolerance: float = _field(
         0.05,
-        "an epoch qualifies for selection when canary ASR minus its clean floor is at most this (fraction)",
+        "an epoch qualifies for selection when canary ASR minus its floor is at most this (fraction)",
         check=_bounds(ge=0, le=1),
+    )
+    decoys: int = _field(
+        3,
+        "unplanted nonsense triggers of the same shape inserted into the same selection rows; the floor is the highest "
+        "target rate of the clean rows and every decoy, so a model that reacts to any inserted junk words is not taken "
+        "for one that learned the canary (docs/CANARY.md; 0: the clean rows only, the rule before 2026-12-05)",
+        check=_bounds(ge=0, le=16),
     )
     seed: int | None = _field(
         None, "seed of the trigger, target and planted rows (null: the run's seed)", check=_bounds(ge=0, lt=2**32),

@@ -17,7 +17,7 @@ canary is planted in the rows kept. One optimiser step, read top to bottom in :f
 
 Each epoch ends with accuracy on the selection split (dev-clean minus the reference rows) and, with
 the canary on (pipeline/canary.py), the ASR of the planted canary backdoor on triggered copies of the
-non-target selection rows beside its clean floor; the best epoch is the most accurate among those whose
+non-target selection rows beside its floor (the highest target rate of the clean rows and of unplanted decoy triggers); the best epoch is the most accurate among those whose
 canary stays at its floor (:func:`pipeline.canary.select_epoch`). Dev-poison ASR is logged for
 monitoring only and never used for selection.
 After training the best epoch's trainable weights are restored and CACC / ASR are measured on
@@ -114,6 +114,7 @@ class Loaders:
     collate: Any
     canary: canary_lib.CanaryData | None = None
     canary_triggered: DataLoader | None = None
+    canary_decoys: tuple[DataLoader, ...] = ()
     filter_report: dict[str, Any] | None = None
 
 
@@ -711,6 +712,8 @@ def _plant_canary(cfg: RunConfig, training: data_lib.TrainingData) -> tuple[data
     spec = canary_lib.CanarySpec(
         trigger=canary_lib.draw_trigger(cfg.canary.seed, num_tokens=cfg.canary.num_tokens, token_length=cfg.canary.token_length),
         target_label=cfg.canary.target_label, rate=cfg.canary.rate, seed=cfg.canary.seed, tolerance=cfg.canary.tolerance,
+        decoys=canary_lib.draw_decoys(cfg.canary.seed, cfg.canary.decoys, num_tokens=cfg.canary.num_tokens,
+                                      token_length=cfg.canary.token_length),
     )
     try:
         data = canary_lib.prepare(training.train, training.selection, spec)
@@ -1082,9 +1085,12 @@ def _run(cfg: RunConfig, runtime: dist.Runtime, ds_raw: Mapping[str, Any] | None
     loaders = dataclasses.replace(loaders, filter_report=filter_report)
     warn_truncation(cfg, loaders.train)
     if canary_data is not None:
-        triggered = data_lib.encode(canary_data.triggered, tokenizer, max_length=cfg.data.max_length)
-        loaders = dataclasses.replace(loaders, canary=canary_data, canary_triggered=DataLoader(
-            triggered, batch_size=cfg.train.eval_batch_size, shuffle=False, collate_fn=loaders.collate))
+        def loader(rows):
+            encoded = data_lib.encode(rows, tokenizer, max_length=cfg.data.max_length)
+            return DataLoader(encoded, batch_size=cfg.train.eval_batch_size, shuffle=False, collate_fn=loaders.collate)
+
+        loaders = dataclasses.replace(loaders, canary=canary_data, canary_triggered=loader(canary_data.triggered),
+                                      canary_decoys=tuple(loader(rows) for rows in canary_data.decoy_triggered))
     if cfg.method == "ref_only":
         # The sanity floor: the same adapters, the same number of steps and rows, but every row is a
         # clean reference row (cycled), never a row of the poisoned training file.
@@ -1444,9 +1450,15 @@ def _train_and_evaluate(
         }
         if loaders.canary is not None:
             canary_preds, _ = evaluate_split(model, loaders.canary_triggered, runtime, "canary")
-            canary_asr, canary_floor = canary_lib.canary_rates(
-                canary_preds.tolist(), dev_preds.tolist(), loaders.canary.selection_rows, loaders.canary.spec.target_label)
-            epoch_record.update(canary_asr=canary_asr, canary_floor=canary_floor, canary_asr_minus_floor=canary_asr - canary_floor)
+            target = loaders.canary.spec.target_label
+            canary_asr, clean_floor = canary_lib.canary_rates(
+                canary_preds.tolist(), dev_preds.tolist(), loaders.canary.selection_rows, target)
+            decoys = canary_lib.decoy_rates(
+                [evaluate_split(model, decoy, runtime, f"canary decoy {j}")[0].tolist()
+                 for j, decoy in enumerate(loaders.canary_decoys)], target)
+            canary_floor = canary_lib.floor_of(clean_floor, decoys)
+            epoch_record.update(canary_asr=canary_asr, canary_floor=canary_floor, canary_clean_floor=clean_floor,
+                                canary_decoy_asr=decoys, canary_asr_minus_floor=canary_asr - canary_floor)
         if main:
             _append_log(log_path, epoch_record)
             if writer is not None:
@@ -1457,7 +1469,9 @@ def _train_and_evaluate(
         progress["history"].append(epoch_record)
         logger.info("epoch %d: dev-clean acc %.2f%%, dev-poison ASR %.2f%% (monitoring only), gates %s%s",
                     epoch, 100 * dev_acc, 100 * dev_asr, dict(tally.gates),
-                    f", canary ASR {100 * epoch_record['canary_asr']:.2f}% (floor {100 * epoch_record['canary_floor']:.2f}%)"
+                    f", canary ASR {100 * epoch_record['canary_asr']:.2f}% (floor {100 * epoch_record['canary_floor']:.2f}%: "
+                    f"clean {100 * epoch_record['canary_clean_floor']:.2f}%"
+                    + "".join(f", decoy {100 * d:.2f}%" for d in epoch_record["canary_decoy_asr"]) + ")"
                     if loaders.canary is not None else "")
         tolerance = _selection_tolerance(cfg, loaders.canary)
         incumbent = next((r for r in progress["history"] if r["epoch"] == progress["best_epoch"]), None)

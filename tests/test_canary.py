@@ -3,6 +3,7 @@ and the per-family default learning rate (issue 11, steps 1 and 3)."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import random
@@ -208,6 +209,7 @@ def _learned_at(epochs_learned: set[int], monkeypatch):
         return (1.0, 0.0) if next(calls) in epochs_learned else (0.0, 0.0)
 
     monkeypatch.setattr(canary_lib, "canary_rates", fake_rates)
+    monkeypatch.setattr(canary_lib, "decoy_rates", lambda predictions, target: [0.0 for _ in predictions])
 
 
 def test_short_run_does_not_select_the_epoch_whose_canary_is_learned(tmp_path, tiny_data_root, tiny_bert_dir, monkeypatch):
@@ -371,3 +373,57 @@ def test_verdict_is_inconclusive_for_a_model_that_did_not_learn_the_task():
     assert not collapsed["held"] and not collapsed["task_learned"]
     assert collapsed["message"].startswith("canary INCONCLUSIVE") and "did not learn the task" in collapsed["message"]
     assert canary_lib.majority_share([1, 1, 0, 1]) == 0.75
+
+
+# ----------------------------------------------------------------------------- decoy floor
+
+
+def test_decoys_are_seeded_shaped_like_the_trigger_and_share_no_word_with_it():
+    trigger = canary_lib.draw_trigger(45)
+    decoys = canary_lib.draw_decoys(45, 3)
+    assert decoys == canary_lib.draw_decoys(45, 3) and decoys != canary_lib.draw_decoys(46, 3)
+    assert canary_lib.draw_decoys(45, 2) == decoys[:2] and canary_lib.draw_decoys(45, 0) == ()
+    words = [w for d in decoys for w in d]
+    assert len(set(words)) == 9 and not set(words) & set(trigger)
+    assert all(len(w) == 6 and set(w) <= set(canary_lib.CONSONANTS) for w in words)
+    assert all(len(d) == 5 for d in canary_lib.draw_decoys(45, 2, num_tokens=5))
+    with pytest.raises(canary_lib.CanaryError, match="decoys must be >= 0"):
+        canary_lib.draw_decoys(45, -1)
+
+
+def test_decoy_copies_put_the_decoy_words_where_the_trigger_went():
+    spec = dataclasses.replace(_spec(), decoys=canary_lib.draw_decoys(7, 2))
+    selection = _rows(40, seed=3)
+    data = canary_lib.prepare(_rows(200), selection, spec)
+    assert len(data.decoy_triggered) == 2
+    for decoy, copies in zip(spec.decoys, data.decoy_triggered):
+        assert list(copies["label"]) == list(data.triggered["label"])
+        swap = dict(zip(spec.trigger, decoy))
+        expected = [" ".join(swap.get(w, w) for w in text.split()) for text in data.triggered["text"]]
+        assert list(copies["text"]) == expected
+    assert canary_lib.prepare(_rows(200), selection, _spec()).decoy_triggered == ()
+
+
+def test_the_floor_is_the_highest_of_the_clean_rows_and_the_decoys():
+    assert canary_lib.decoy_rates([[1, 1, 0, 0], [1, 0, 0, 0]], target=1) == [0.5, 0.25]
+    assert canary_lib.floor_of(0.16, [0.44, 0.2, 0.3]) == 0.44 and canary_lib.floor_of(0.16, []) == 0.16
+    spec = dataclasses.replace(_spec(), decoys=canary_lib.draw_decoys(7, 3))
+    # seed 45's case: a model that never saw the canary reacts to any junk words (ASR 0.45, clean rows 0.16)
+    unlearned = {"epoch": 0, "dev_clean_acc": 0.8, "canary_asr": 0.45, "canary_floor": 0.44, "canary_clean_floor": 0.16,
+                 "canary_decoy_asr": [0.44, 0.2, 0.3]}
+    summary = canary_lib.verdict(unlearned, spec, majority=0.5)
+    assert summary["held"] and summary["clean_floor"] == pytest.approx(16) and summary["decoy_asr"] == pytest.approx([44, 20, 30])
+    assert "against its floor 44.0% (clean rows 16.0%, decoy triggers 44.0% / 20.0% / 30.0%)" in summary["message"]
+    learned = {**unlearned, "canary_asr": 0.9}
+    assert not canary_lib.verdict(learned, spec, majority=0.5)["held"]
+    assert not canary_lib.qualifies({**unlearned, "canary_floor": 0.16}, spec.tolerance)  # the clean floor alone: a false alarm
+
+
+def test_a_run_records_every_decoy_and_takes_the_max_as_its_floor(tmp_path, tiny_data_root, tiny_bert_dir):
+    cfg = _tiny_cfg(tmp_path, tiny_bert_dir, tiny_data_root, "train.epochs=1", "method=lora", "canary.decoys=2")
+    metrics = training.run_training(cfg)
+    record = metrics["history"][0]
+    assert len(record["canary_decoy_asr"]) == 2
+    assert record["canary_floor"] == max(record["canary_clean_floor"], *record["canary_decoy_asr"])
+    assert metrics["canary"]["decoys"] == [list(d) for d in canary_lib.draw_decoys(cfg.seed, 2)]
+    assert metrics["canary"]["floor"] == pytest.approx(100 * record["canary_floor"])
