@@ -31,13 +31,13 @@ copy each, S_t. Per epoch, with f the model::
     floor         F = max(F0, F1, ..., Fk)
     added         D = A - F                                      (the part of A the planted trigger causes)
 
-The decoys are ``decoys`` more nonsense triggers of the same shape, drawn with the canary seed, never planted,
-inserted into the same rows at the same word positions as the trigger. A model that reacts to any inserted
-junk words (MiniLM does, for some draws: at seed 45 a model that never saw a canary row put 45% of the
-triggered copies into the target class against 16% of the clean ones) reaches A = Fj without having learned
-anything; against the clean floor alone that reads as a learned canary. If the planted trigger was not
-learned, it is exchangeable with the decoys, so A exceeds all of them by more than the tolerance with
-probability below 1 / (decoys + 1).
+The decoys (``canary.decoys``, default 0: F = F0) are more nonsense triggers of the same shape, drawn with
+the canary seed, never planted, inserted into the same rows at the same word positions as the trigger. They
+were meant to absorb a model's reaction to inserted junk words (at seed 45 a model that never saw a canary
+row put 31-45% of the triggered copies into the target class against 16-17% of the clean ones), but
+measured on finished runs (benchmarks/canary_decoy_check.py, docs/CANARY.md) that reaction is specific to
+the drawn words (the decoys stayed at 5-23%), and a model that did learn the canary also moves its decoys
+(vanilla, seed 42: 48-62%), which would mask a partly learned canary. So they stay opt-in.
 
 Selection rule (:func:`select_epoch`), tolerance tau: an epoch qualifies when D <= tau. Among the
 qualifying epochs the highest dev-clean accuracy wins (the earliest on ties); when none qualifies the

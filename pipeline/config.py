@@ -589,10 +589,10 @@ class CanaryConfig(_Validated):
         check=_bounds(ge=0, le=1),
     )
     decoys: int = _field(
-        3,
-        "unplanted nonsense triggers of the same shape inserted into the same selection rows; the floor is the highest "
-        "target rate of the clean rows and every decoy, so a model that reacts to any inserted junk words is not taken "
-        "for one that learned the canary (docs/CANARY.md; 0: the clean rows only, the rule before 2026-12-05)",
+        0,
+        "opt-in, measured not to help (docs/CANARY.md): unplanted nonsense triggers of the same shape inserted into the "
+        "same selection rows; the floor becomes the highest target rate of the clean rows and every decoy (0: the clean "
+        "rows only)",
         check=_bounds(ge=0, le=16),
     )
     seed: int | None = _field(

@@ -17,7 +17,7 @@ canary is planted in the rows kept. One optimiser step, read top to bottom in :f
 
 Each epoch ends with accuracy on the selection split (dev-clean minus the reference rows) and, with
 the canary on (pipeline/canary.py), the ASR of the planted canary backdoor on triggered copies of the
-non-target selection rows beside its floor (the highest target rate of the clean rows and of unplanted decoy triggers); the best epoch is the most accurate among those whose
+non-target selection rows beside its floor (the untriggered rows' target rate; with canary.decoys, also unplanted decoy triggers'); the best epoch is the most accurate among those whose
 canary stays at its floor (:func:`pipeline.canary.select_epoch`). Dev-poison ASR is logged for
 monitoring only and never used for selection.
 After training the best epoch's trainable weights are restored and CACC / ASR are measured on

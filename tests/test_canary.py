@@ -427,3 +427,21 @@ def test_a_run_records_every_decoy_and_takes_the_max_as_its_floor(tmp_path, tiny
     assert record["canary_floor"] == max(record["canary_clean_floor"], *record["canary_decoy_asr"])
     assert metrics["canary"]["decoys"] == [list(d) for d in canary_lib.draw_decoys(cfg.seed, 2)]
     assert metrics["canary"]["floor"] == pytest.approx(100 * record["canary_floor"])
+    default = training.run_training(_tiny_cfg(tmp_path / "default", tiny_bert_dir, tiny_data_root, "train.epochs=1", "method=lora"))
+    record = default["history"][0]  # canary.decoys defaults to 0: the clean floor alone (measured not to help)
+    assert record["canary_decoy_asr"] == [] and record["canary_floor"] == record["canary_clean_floor"]
+
+
+def test_the_decoy_check_reproduces_a_runs_recorded_canary(tmp_path, tiny_data_root, tiny_bert_dir):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("canary_decoy_check", REPO / "benchmarks" / "canary_decoy_check.py")
+    check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check)
+    cfg = _tiny_cfg(tmp_path, tiny_bert_dir, tiny_data_root, "train.epochs=1", "method=lora", "canary.decoys=2")
+    metrics = training.run_training(cfg)
+    result = check.check_run(tmp_path / "run", decoys=2)
+    assert result["asr"] == pytest.approx(metrics["canary"]["asr"]) and result["asr"] == pytest.approx(result["recorded_asr"])
+    assert result["clean_floor"] == pytest.approx(metrics["canary"]["clean_floor"])
+    assert result["decoys"] == pytest.approx(metrics["canary"]["decoy_asr"]) and len(result["decoys"]) == 2
+    assert result["floor"] == pytest.approx(metrics["canary"]["floor"])
