@@ -1212,6 +1212,12 @@ def uses_alignment(method: str) -> bool:
     return method in _ALIGN_METHODS
 
 
+def takes_recipe(method: str) -> bool:
+    """Whether ``recipe`` decides ``method``'s auto keys (musclelora); every other method takes the authors'."""
+    _check_method(method)
+    return method == "musclelora"
+
+
 # ---------------------------------------------------------------------------------------------------
 # Per-family defaults (REFERENCE.md sections 2 and 3).
 
@@ -1302,9 +1308,8 @@ def resolve_defaults(cfg: RunConfig, *, model_type: str, hidden_size: int, is_de
             [f"hidden_size: got {hidden_size!r}; must be a positive int. Fix: pass config.hidden_size"]
         )
     updates: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
-    layers = [_FAMILY_DEFAULTS[bool(is_decoder)], _AUTHORS_COMMON]
-    if cfg.method == "musclelora" and cfg.recipe == "defended":
-        layers.append(DEFENDED_RECIPE)  # later layers win
+    defended = takes_recipe(cfg.method) and cfg.recipe == "defended"
+    layers = [_FAMILY_DEFAULTS[bool(is_decoder)], _AUTHORS_COMMON] + ([DEFENDED_RECIPE] if defended else [])  # later win
     for layer in layers:
         for section, values in layer.items():
             current = getattr(cfg, section)
@@ -1366,8 +1371,7 @@ def resolve_defaults(cfg: RunConfig, *, model_type: str, hidden_size: int, is_de
             )
     ref_problem = _ref_batch_problem(cfg.align.ref_batch_size, updates["data"].get("ref_size", cfg.data.ref_size))
     if ref_problem is not None:  # data.ref_size was auto at load time: checked once it is known
-        source = ("musclelora's recipe=defended" if DEFENDED_RECIPE["data"]["ref_size"] == updates["data"].get("ref_size")
-                  and cfg.method == "musclelora" and cfg.recipe == "defended" else "decoders" if is_decoder else "encoders")
+        source = "musclelora's recipe=defended" if defended else "decoders" if is_decoder else "encoders"
         problems.append(ref_problem.render(f"data.ref_size auto for {source}"))
     if problems:
         raise ConfigError(problems)

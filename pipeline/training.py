@@ -59,10 +59,12 @@ from pipeline.adapters.state import adapter_tensor_names, load_adapter, save_ada
 from pipeline.alignment import GATES, align_gradients
 from pipeline.defenses import lexical
 from pipeline.config import (
+    METHODS,
     ConfigError,
     RunConfig,
     config_to_dict,
     resolve_defaults,
+    takes_recipe,
     trains_backbone,
     uses_alignment,
     uses_lora,
@@ -1207,13 +1209,13 @@ def _check_resumable_config(output_dir: Path, resolved: dict[str, Any]) -> None:
             diffs.append(f"{prefix.rstrip('.')}: saved {a!r}, now {b!r}")
 
     # Written before the key existed, when musclelora had the authors' values (other methods ignore it).
-    before_recipe = "recipe" not in saved and saved.get("method") == "musclelora"
+    before_recipe = "recipe" not in saved and saved.get("method") in METHODS and takes_recipe(saved["method"])
     if before_recipe:
         saved = {**saved, "recipe": "authors"}
     walk(saved, resolved, "", defaults)
     if diffs:
         problems = [f"resume=true but the config differs from {saved_path}: {d}" for d in diffs]
-        if before_recipe and resolved.get("method") == "musclelora" and resolved.get("recipe") == "defended":
+        if before_recipe and resolved.get("recipe") == "defended":
             problems.append(
                 f"{saved_path} was written before recipe=defended became musclelora's default (2026-12-05; "
                 "docs/RECIPE.md). Fix: add the override recipe=authors to resume it with the settings it was trained with"
@@ -1561,7 +1563,7 @@ def _final_evaluation(
     fpr = ev.clean_false_positive_rate(clean_preds, clean_labels, target)
     metrics = {
         "method": cfg.method,
-        "recipe": cfg.recipe if cfg.method == "musclelora" else None,
+        "recipe": cfg.recipe if takes_recipe(cfg.method) else None,
         "dataset": cfg.data.dataset,
         "attack": cfg.data.attack,
         "model": cfg.model.name_or_path,
