@@ -36,12 +36,7 @@ def check_run(run_dir: Path, decoys: int) -> dict:
     recorded = json.loads((run_dir / "metrics.json").read_text())
     _, rows = training._training_data(cfg)
     rows, _ = training._filter_rows(cfg, rows)
-    spec = canary_lib.CanarySpec(
-        trigger=canary_lib.draw_trigger(cfg.canary.seed, num_tokens=cfg.canary.num_tokens, token_length=cfg.canary.token_length),
-        target_label=cfg.canary.target_label, rate=cfg.canary.rate, seed=cfg.canary.seed, tolerance=cfg.canary.tolerance,
-        decoys=canary_lib.draw_decoys(cfg.canary.seed, decoys, num_tokens=cfg.canary.num_tokens,
-                                      token_length=cfg.canary.token_length),
-    )
+    spec = training.canary_spec(cfg, decoys=decoys)
     triggered, selection_rows = canary_lib.triggered_selection(rows.selection, spec)
     decoy_sets = canary_lib.decoy_selection(rows.selection, spec, selection_rows)
 

@@ -707,16 +707,22 @@ def _filter_rows(cfg: RunConfig, training: data_lib.TrainingData) -> tuple[data_
     return dataclasses.replace(training, train=kept), report
 
 
+def canary_spec(cfg: RunConfig, *, decoys: int | None = None) -> canary_lib.CanarySpec:
+    """The run's canary from its resolved config (``decoys``: that many decoy triggers instead of canary.decoys)."""
+    c = cfg.canary
+    return canary_lib.CanarySpec(
+        trigger=canary_lib.draw_trigger(c.seed, num_tokens=c.num_tokens, token_length=c.token_length),
+        target_label=c.target_label, rate=c.rate, seed=c.seed, tolerance=c.tolerance,
+        decoys=canary_lib.draw_decoys(c.seed, c.decoys if decoys is None else decoys, num_tokens=c.num_tokens,
+                                      token_length=c.token_length),
+    )
+
+
 def _plant_canary(cfg: RunConfig, training: data_lib.TrainingData) -> tuple[data_lib.TrainingData, canary_lib.CanaryData | None]:
     """Plant the canary in the training rows (``canary.enabled``); reference and selection rows stay as they are."""
     if not cfg.canary.enabled:
         return training, None
-    spec = canary_lib.CanarySpec(
-        trigger=canary_lib.draw_trigger(cfg.canary.seed, num_tokens=cfg.canary.num_tokens, token_length=cfg.canary.token_length),
-        target_label=cfg.canary.target_label, rate=cfg.canary.rate, seed=cfg.canary.seed, tolerance=cfg.canary.tolerance,
-        decoys=canary_lib.draw_decoys(cfg.canary.seed, cfg.canary.decoys, num_tokens=cfg.canary.num_tokens,
-                                      token_length=cfg.canary.token_length),
-    )
+    spec = canary_spec(cfg)
     try:
         data = canary_lib.prepare(training.train, training.selection, spec)
     except canary_lib.CanaryError as error:
