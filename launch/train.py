@@ -166,6 +166,11 @@ def main(argv: list[str] | None = None) -> int:
               f"(threshold z {filtered['threshold']:.2f}; flagged n-grams: {flagged}{more}; see filter-report.json)")
     canary = metrics.get("canary", {})
     if canary.get("enabled"):
+        screen = canary.get("screen") or {}
+        if "candidate" in screen:
+            tried = ", ".join(f"{v:+.1f}" for v in screen["shifts"])
+            print(f"canary screen: trigger candidate {screen['candidate']} planted ({'within' if screen['passed'] else 'NONE within'} "
+                  f"the {screen['max_shift']:.0f}-point limit; the backbone's probe shift per candidate tried: {tried} points)")
         print(canary["message"])
         if not canary["selected_epoch_qualified"]:
             print(f"WARNING: {metrics['selection_rule']}")

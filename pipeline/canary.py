@@ -54,12 +54,13 @@ from __future__ import annotations
 import logging
 import random
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from datasets import Dataset
+    from torch import Tensor
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +111,7 @@ class CanaryData:
         triggered: Triggered copies of the non-target selection rows (``text``, ``label`` = original).
         selection_rows: For each row of ``triggered``, its index in the selection rows (for the floor).
         decoy_triggered: For each decoy, the same rows with the decoy inserted at the trigger's positions.
+        screen: How the trigger was chosen (:meth:`ScreenResult.to_dict`), None when it was not screened.
     """
 
     spec: CanarySpec
@@ -118,6 +120,7 @@ class CanaryData:
     triggered: Dataset
     selection_rows: tuple[int, ...]
     decoy_triggered: tuple[Dataset, ...] = ()
+    screen: Mapping[str, Any] | None = None
 
 
 def draw_trigger(seed: int, *, num_tokens: int = 3, token_length: int = 6) -> tuple[str, ...]:
@@ -133,11 +136,14 @@ def draw_trigger(seed: int, *, num_tokens: int = 3, token_length: int = 6) -> tu
     return tuple(words)
 
 
-def draw_decoys(seed: int, count: int, *, num_tokens: int = 3, token_length: int = 6) -> tuple[tuple[str, ...], ...]:
-    """``count`` unplanted triggers shaped like :func:`draw_trigger`'s, sharing no word with it or each other."""
+def draw_decoys(
+    seed: int, count: int, *, num_tokens: int = 3, token_length: int = 6, trigger: Sequence[str] | None = None
+) -> tuple[tuple[str, ...], ...]:
+    """``count`` unplanted triggers shaped like :func:`draw_trigger`'s, sharing no word with ``trigger`` (default: that
+    draw) or each other."""
     if count < 0:
         raise CanaryError(f"the number of decoys must be >= 0, got {count}")
-    used = set(draw_trigger(seed, num_tokens=num_tokens, token_length=token_length))
+    used = set(trigger if trigger is not None else draw_trigger(seed, num_tokens=num_tokens, token_length=token_length))
     rng = random.Random(f"{seed}/canary/decoys")
     decoys = []
     for _ in range(count):
@@ -149,6 +155,29 @@ def draw_decoys(seed: int, count: int, *, num_tokens: int = 3, token_length: int
                 words.append(word)
         decoys.append(tuple(words))
     return tuple(decoys)
+
+
+def candidate_triggers(count: int, seed: int, *, num_tokens: int = 3, token_length: int = 6) -> tuple[tuple[str, ...], ...]:
+    """The triggers the screen tries in order: :func:`draw_trigger`'s first, then ``count - 1`` more, all words distinct.
+
+    Candidate 0 is the unscreened draw, so a run whose first candidate passes the screen plants exactly the trigger it
+    planted before the screen existed.
+    """
+    if count < 1:
+        raise CanaryError(f"the number of screen candidates must be >= 1, got {count}")
+    first = draw_trigger(seed, num_tokens=num_tokens, token_length=token_length)
+    used = set(first)
+    candidates = [first]
+    for j in range(1, count):
+        rng = random.Random(f"{seed}/canary/trigger/{j}")
+        words: list[str] = []
+        while len(words) < num_tokens:
+            word = "".join(rng.choice(CONSONANTS) for _ in range(token_length))
+            if word not in used:
+                used.add(word)
+                words.append(word)
+        candidates.append(tuple(words))
+    return tuple(candidates)
 
 
 def draw_target_label(seed: int, num_labels: int) -> int:
@@ -401,3 +430,121 @@ def verdict(record: Mapping[str, Any], spec: CanarySpec, *, majority: float | No
         message += "; the defence did not remove a backdoor it was known to contain"
     return {"held": held, "task_learned": learned, "asr": asr, "floor": floor, "clean_floor": clean,
             "decoy_asr": decoys, "asr_minus_floor": asr - floor, "message": message}
+
+
+# --- the trigger screen -------------------------------------------------------------------------------------------
+
+SCREEN_L2 = 0.1
+"""L2 weight of the screen's logistic probe (on standardised features; a fixed setting, not tuned per run)."""
+
+
+def fit_probe(features: Tensor, labels: Sequence[int], num_labels: int, *, l2: float = SCREEN_L2) -> Callable[[Tensor], Tensor]:
+    """A multinomial logistic probe on standardised ``features`` (rows x dims); returns a label predictor.
+
+    Deterministic (full-batch L-BFGS from zeros, float64 on CPU), so every rank and a rerun choose alike.
+    """
+    import torch
+
+    x = features.detach().to("cpu", torch.float64)
+    y = torch.as_tensor(list(labels), dtype=torch.long)
+    if x.ndim != 2 or x.shape[0] != y.numel() or x.shape[0] == 0:
+        raise ValueError(f"fit_probe: {tuple(x.shape)} features for {y.numel()} labels")
+    mean, std = x.mean(0), x.std(0, unbiased=False) + 1e-6
+    z = (x - mean) / std
+    weight = torch.zeros(z.shape[1], num_labels, dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros(num_labels, dtype=torch.float64, requires_grad=True)
+    optimiser = torch.optim.LBFGS([weight, bias], max_iter=300, line_search_fn="strong_wolfe")
+
+    def closure() -> Tensor:
+        optimiser.zero_grad()
+        loss = torch.nn.functional.cross_entropy(z @ weight + bias, y) + l2 * (weight * weight).sum()
+        loss.backward()
+        return loss
+
+    optimiser.step(closure)
+    weight, bias = weight.detach(), bias.detach()
+    return lambda f: (((f.detach().to("cpu", torch.float64) - mean) / std) @ weight + bias).argmax(-1)
+
+
+@dataclass(frozen=True)
+class ScreenResult:
+    """What :func:`screen_trigger` tried and chose.
+
+    Attributes:
+        trigger: The chosen trigger.
+        index: Its position among the candidates (0: the unscreened draw).
+        shifts: The probe's target-rate shift (fraction) of every candidate tried, in order.
+        passed: Whether the chosen one is within ``max_shift`` (False: none was; the smallest shift was taken).
+        probe_accuracy: The probe's accuracy on the clean measurement rows (how much the features know).
+        rows: Number of triggered measurement rows per candidate.
+    """
+
+    trigger: tuple[str, ...]
+    index: int
+    shifts: tuple[float, ...]
+    passed: bool
+    probe_accuracy: float
+    rows: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe form (percentages) for metrics.json."""
+        return {"trigger": list(self.trigger), "candidate": self.index, "passed": self.passed,
+                "shifts": [round(100 * s, 2) for s in self.shifts], "probe_accuracy": round(100 * self.probe_accuracy, 2),
+                "rows": self.rows}
+
+
+def screen_trigger(
+    embed: Callable[[list[str]], Tensor],
+    reference: Dataset,
+    selection: Dataset,
+    candidates: Sequence[Sequence[str]],
+    *,
+    seed: int,
+    target: int,
+    num_labels: int,
+    max_shift: float,
+) -> ScreenResult:
+    """Choose the first candidate trigger the backbone's own features do not already tie to the target label.
+
+    A logistic probe is fit on ``embed`` features of the trusted reference rows and their labels. For a
+    candidate, the shift is the probe's target rate on the triggered copies of the non-target selection
+    rows (the canary's own hold-out rows, the trigger inserted exactly where the canary will insert it)
+    minus its target rate on the same rows without the trigger. The first candidate with shift <=
+    ``max_shift`` is chosen; when none is, the smallest shift is taken (``passed`` False). Reads only texts
+    and labels of trusted rows (never the training file, ``poison_label`` or test rows).
+
+    Args:
+        embed: texts -> features (rows x dims), e.g. the frozen backbone's mean-pooled last hidden states.
+        reference: The reference rows (``text``, ``label``): the probe's training rows.
+        selection: The selection rows (``text``, ``label``): the measurement rows.
+        candidates: Triggers in the order to try (:func:`candidate_triggers`).
+        seed: The canary seed (insertion positions, as :func:`triggered_selection`).
+        target: The canary's target label.
+        num_labels: Number of classes.
+        max_shift: Largest accepted shift (fraction).
+
+    Raises:
+        CanaryError: No candidates, or no selection row with a label other than the target.
+    """
+    import torch
+
+    if not candidates:
+        raise CanaryError("screen_trigger: no candidate triggers")
+    ref_texts, ref_labels = _columns(reference, "the reference rows")
+    texts, labels = _columns(selection, "the selection rows")
+    rows = [i for i, label in enumerate(labels) if label != target]
+    if not rows:
+        raise CanaryError(f"no selection row has a label other than the canary target {target}; the screen cannot measure")
+    probe = fit_probe(embed(ref_texts), ref_labels, num_labels)
+    predicted = probe(embed(texts))
+    accuracy = float((predicted == torch.as_tensor(labels)).double().mean())
+    clean_rate = float((predicted[rows] == target).double().mean())
+    shifts: list[float] = []
+    for trigger in candidates:
+        copies = [insert_trigger(texts[i], trigger, random.Random(f"{seed}/canary/selection/{i}")) for i in rows]
+        shift = float((probe(embed(copies)) == target).double().mean()) - clean_rate
+        shifts.append(shift)
+        if shift <= max_shift + 1e-12:
+            return ScreenResult(tuple(trigger), len(shifts) - 1, tuple(shifts), True, accuracy, len(rows))
+    best = min(range(len(shifts)), key=lambda j: shifts[j])
+    return ScreenResult(tuple(candidates[best]), best, tuple(shifts), False, accuracy, len(rows))

@@ -74,6 +74,7 @@ RUN_FOLDER_MARKERS = ("config.yaml", "train.log", "log.jsonl", "checkpoints", "m
 """A folder holding one of these is (part of) a run folder of this pipeline."""
 RUN_FOLDER_ENTRIES = frozenset({
     *RUN_FOLDER_MARKERS, "adapter", "tensorboard", "frequency.json", "frequency_cache", "fourier", "cell.json",
+    "canary-screen.json", "filter-report.json",
 })
 """Everything run_training (and launch/fourier.py, launch/matrix.py) writes into a run folder."""
 

@@ -598,6 +598,25 @@ class CanaryConfig(_Validated):
     seed: int | None = _field(
         None, "seed of the trigger, target and planted rows (null: the run's seed)", check=_bounds(ge=0, lt=2**32),
     )
+    trigger: list[str] | None = _field(
+        None,
+        "null: drawn with the canary seed and, with canary.screen, screened when the run starts; a list plants exactly "
+        "these words, unscreened. A run's config.yaml records the words it planted",
+        check=_non_empty_list(_non_empty_str, "list the words, e.g. canary.trigger=[qzxv,plmk]"),
+    )
+    screen: bool = _field(
+        True,
+        "before planting, skip a drawn trigger that the pretrained backbone already ties to the target label: a logistic "
+        "probe on its frozen features, fit on the reference rows, must not send more than canary.screen_max_shift more of "
+        "the triggered non-target selection rows to the target than of the same rows clean (docs/CANARY.md, the screen)",
+    )
+    screen_max_shift: float = _field(
+        0.2, "largest accepted probe shift (fraction) of a screened trigger", check=_bounds(ge=0, le=1),
+    )
+    screen_candidates: int = _field(
+        8, "triggers the screen tries before it takes the one with the smallest shift (and says so)",
+        check=_bounds(ge=1, le=64),
+    )
     select: bool = _field(
         True,
         "use the canary in epoch selection (the highest dev-clean accuracy among epochs whose canary held); false: "

@@ -36,7 +36,7 @@ import shutil
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -710,16 +710,22 @@ def _filter_rows(cfg: RunConfig, training: data_lib.TrainingData) -> tuple[data_
 def canary_spec(cfg: RunConfig, *, decoys: int | None = None) -> canary_lib.CanarySpec:
     """The run's canary from its resolved config (``decoys``: that many decoy triggers instead of canary.decoys)."""
     c = cfg.canary
+    trigger = (tuple(c.trigger) if c.trigger is not None
+               else canary_lib.draw_trigger(c.seed, num_tokens=c.num_tokens, token_length=c.token_length))
     return canary_lib.CanarySpec(
-        trigger=canary_lib.draw_trigger(c.seed, num_tokens=c.num_tokens, token_length=c.token_length),
-        target_label=c.target_label, rate=c.rate, seed=c.seed, tolerance=c.tolerance,
+        trigger=trigger, target_label=c.target_label, rate=c.rate, seed=c.seed, tolerance=c.tolerance,
         decoys=canary_lib.draw_decoys(c.seed, c.decoys if decoys is None else decoys, num_tokens=c.num_tokens,
-                                      token_length=c.token_length),
+                                      token_length=c.token_length, trigger=trigger),
     )
 
 
-def _plant_canary(cfg: RunConfig, training: data_lib.TrainingData) -> tuple[data_lib.TrainingData, canary_lib.CanaryData | None]:
-    """Plant the canary in the training rows (``canary.enabled``); reference and selection rows stay as they are."""
+def _plant_canary(
+    cfg: RunConfig, training: data_lib.TrainingData, screen: Mapping[str, Any] | None = None
+) -> tuple[data_lib.TrainingData, canary_lib.CanaryData | None]:
+    """Plant the canary in the training rows (``canary.enabled``); reference and selection rows stay as they are.
+
+    ``screen``: the report of the screen that chose ``cfg.canary.trigger`` (:func:`_choose_canary_trigger`).
+    """
     if not cfg.canary.enabled:
         return training, None
     spec = canary_spec(cfg)
@@ -727,7 +733,94 @@ def _plant_canary(cfg: RunConfig, training: data_lib.TrainingData) -> tuple[data
         data = canary_lib.prepare(training.train, training.selection, spec)
     except canary_lib.CanaryError as error:
         raise ConfigError([f"canary: {error}"]) from error
-    return dataclasses.replace(training, train=data.train), data
+    return dataclasses.replace(training, train=data.train), dataclasses.replace(data, screen=screen)
+
+
+_SCREEN_FILE = "canary-screen.json"
+
+
+def backbone_embedder(
+    model: nn.Module, tokenizer: Any, *, max_length: int, batch_size: int, device: torch.device | str, is_decoder: bool
+) -> Callable[[list[str]], torch.Tensor]:
+    """texts -> the model's last hidden states at the position its classifier pools, next to their mean over the text.
+
+    The pooled position is the first token for encoders (BERT's [CLS]) and the last non-pad token for decoders
+    (right padding). Float32 on CPU, eval mode, no gradients; tokenised as training tokenises (truncation at
+    ``max_length``, no token type ids). Positions a soft prompt prepends are left out (only the last ``input
+    length`` positions are read).
+    """
+
+    def embed(texts: list[str]) -> torch.Tensor:
+        chunks = []
+        with ev.eval_mode(model):
+            for start in range(0, len(texts), batch_size):
+                batch = tokenizer(texts[start : start + batch_size], truncation=True, max_length=max_length,
+                                  padding=True, return_token_type_ids=False, return_tensors="pt")
+                batch = _to_device(batch, torch.device(device))
+                hidden = model(**batch, output_hidden_states=True).hidden_states[-1]
+                mask = batch["attention_mask"]
+                hidden = hidden[:, -mask.shape[1]:].float()
+                weights = mask.unsqueeze(-1).to(hidden.dtype)
+                mean = (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+                position = (mask.sum(1) - 1).clamp_min(0) if is_decoder else torch.zeros_like(mask[:, 0])
+                pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), position]
+                chunks.append(torch.cat([pooled, mean], dim=1).cpu())
+        return torch.cat(chunks)
+
+    return embed
+
+
+def _choose_canary_trigger(
+    cfg: RunConfig, runtime: dist.Runtime, model: nn.Module, tokenizer: Any, training: data_lib.TrainingData,
+    output_dir: Path, resuming: bool, *, is_decoder: bool,
+) -> tuple[RunConfig, dict[str, Any] | None]:
+    """Fix ``canary.trigger`` before planting: screened (``canary.screen``), drawn, or what a resumed run planted.
+
+    Returns the config with the trigger filled in and the screen's report (None when nothing was screened). A run
+    resumed from before the screen existed (its config.yaml has no ``canary.trigger``) keeps its unscreened draw.
+    """
+    c = cfg.canary
+    if not c.enabled or c.trigger is not None:
+        return cfg, None
+    if resuming:
+        saved = yaml.safe_load((output_dir / "config.yaml").read_text()) if (output_dir / "config.yaml").exists() else None
+        saved_trigger = ((saved or {}).get("canary") or {}).get("trigger") if isinstance(saved, dict) else None
+        if saved_trigger is None:
+            return cfg, None  # planted before the screen existed: the unscreened draw, as then
+        report_path = output_dir / _SCREEN_FILE
+        report = json.loads(report_path.read_text()) if report_path.exists() else None
+        return _with_canary_trigger(cfg, saved_trigger), report
+    if not c.screen:
+        drawn = canary_lib.draw_trigger(c.seed, num_tokens=c.num_tokens, token_length=c.token_length)
+        return _with_canary_trigger(cfg, drawn), None
+    candidates = canary_lib.candidate_triggers(c.screen_candidates, c.seed, num_tokens=c.num_tokens,
+                                               token_length=c.token_length)
+    embed = backbone_embedder(model, tokenizer, max_length=cfg.data.max_length, batch_size=cfg.train.eval_batch_size,
+                              device=runtime.device, is_decoder=is_decoder)
+    started = time.perf_counter()
+    try:
+        result = canary_lib.screen_trigger(
+            embed, training.reference, training.selection, candidates, seed=c.seed, target=c.target_label,
+            num_labels=cfg.model.num_labels, max_shift=c.screen_max_shift,
+        )
+    except canary_lib.CanaryError as error:
+        raise ConfigError([f"canary: {error}"]) from error
+    result = dist.broadcast_object(runtime, result)  # rank 0 decides; every rank plants the same words
+    report = {**result.to_dict(), "max_shift": round(100 * c.screen_max_shift, 2)}
+    shifts = ", ".join(f"{' '.join(t)} {100 * v:+.1f}" for t, v in zip(candidates, result.shifts))
+    if result.passed:
+        logger.info("canary screen: chose candidate %d (%s); probe shift per candidate tried: %s points (limit %.1f; "
+                    "probe accuracy %.1f%% on the selection rows; %.1f s)", result.index, " ".join(result.trigger), shifts,
+                    100 * c.screen_max_shift, 100 * result.probe_accuracy, time.perf_counter() - started)
+    else:
+        logger.warning("canary screen: none of %d candidate triggers stayed within %.1f points (%s); planting the one with "
+                       "the smallest shift (%s). The canary's verdict may be a false alarm; see docs/CANARY.md",
+                       len(candidates), 100 * c.screen_max_shift, shifts, " ".join(result.trigger))
+    return _with_canary_trigger(cfg, result.trigger), report  # the report is written beside config.yaml
+
+
+def _with_canary_trigger(cfg: RunConfig, trigger: Sequence[str]) -> RunConfig:
+    return dataclasses.replace(cfg, canary=dataclasses.replace(cfg.canary, trigger=list(trigger)))
 
 
 def _add_reference_rows(cfg: RunConfig, training: data_lib.TrainingData) -> data_lib.TrainingData:
@@ -1067,13 +1160,11 @@ def _run(cfg: RunConfig, runtime: dist.Runtime, ds_raw: Mapping[str, Any] | None
 
     paths, file_training = _training_data(cfg)
     file_training, filter_report = _filter_rows(cfg, file_training)
-    training, canary_data = _plant_canary(cfg, file_training)
-    training = _add_reference_rows(cfg, training)
     evaluation = data_lib.load_evaluation_data(
         paths, num_labels=cfg.model.num_labels, max_eval_samples=cfg.data.max_eval_samples, seed=cfg.seed
     )
     overlap = data_lib.find_overlap(
-        {"reference": training.reference, "selection": training.selection},
+        {"reference": file_training.reference, "selection": file_training.selection},
         {"test_clean": evaluation.test_clean, "test_poison": evaluation.test_poison},
     )
     torch.manual_seed(cfg.seed)
@@ -1089,6 +1180,11 @@ def _run(cfg: RunConfig, runtime: dist.Runtime, ds_raw: Mapping[str, Any] | None
     if cfg.model.quantization == "none":  # quantized bases are placed by their loader
         model.to(runtime.device)
     check_training_rows(cfg, tokenizer, file_training, paths)  # the file's rows: the canary relabels some
+    # The screen reads the model's features (no randomness: the training init above is unchanged).
+    cfg, screen = _choose_canary_trigger(cfg, runtime, model, tokenizer, file_training, output_dir, resuming,
+                                         is_decoder=info.is_decoder)
+    training, canary_data = _plant_canary(cfg, file_training, screen)
+    training = _add_reference_rows(cfg, training)
     loaders = build_loaders(cfg, tokenizer, training, evaluation)
     loaders = dataclasses.replace(loaders, filter_report=filter_report)
     warn_truncation(cfg, loaders.train)
@@ -1249,6 +1345,8 @@ def _train_and_evaluate(
         _check_resumable_config(output_dir, resolved)
     elif main:
         ckpt.atomic_write_text(output_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
+        if loaders.canary is not None and loaders.canary.screen is not None:
+            ckpt.atomic_write_text(output_dir / _SCREEN_FILE, json.dumps(loaders.canary.screen, indent=1))
 
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     if sorted(params) != sorted(trainable_names):
@@ -1530,7 +1628,8 @@ def _canary_metrics(canary: canary_lib.CanaryData | None, progress: Mapping[str,
         reason = canary_lib.select_epoch(progress["history"], tolerance).reason
     return {
         "canary": {
-            "enabled": True, **canary.spec.to_dict(), "planted_rows": len(canary.planted),
+            "enabled": True, **canary.spec.to_dict(), "screen": canary.screen or {"screened": False},
+            "planted_rows": len(canary.planted),
             "triggered_selection_rows": len(canary.selection_rows), "used_for_selection": tolerance is not None,
             "selected_epoch_qualified": canary_lib.qualifies(selected, canary.spec.tolerance),
             **canary_lib.verdict(selected, canary.spec, majority=majority),

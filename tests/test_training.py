@@ -159,6 +159,16 @@ def test_existing_output_dir_is_refused_then_overwritten(tmp_path, tiny_data_roo
     assert len((tmp_path / "run" / "log.jsonl").read_text().splitlines()) == 3  # 2 steps + 1 epoch, not appended
 
 
+def test_a_defended_run_folder_with_its_reports_can_be_overwritten(tmp_path, tiny_data_root, tiny_bert_dir):
+    """The default musclelora recipe writes filter-report.json and canary-screen.json; both belong to a run folder."""
+    overrides = ("method=musclelora", "recipe=defended", "data.ref_size=8", "train.max_steps=2")
+    run_training(_config(tmp_path, tiny_bert_dir, tiny_data_root, *overrides))
+    names = {p.name for p in (tmp_path / "run").iterdir()}
+    assert {"filter-report.json", "canary-screen.json", "config.yaml"} <= names
+    run_training(_config(tmp_path, tiny_bert_dir, tiny_data_root, *overrides, "overwrite=true"))
+    assert len((tmp_path / "run" / "log.jsonl").read_text().splitlines()) == 3
+
+
 @pytest.mark.integration
 def test_bad_model_dir_leaves_nothing(tmp_path, tiny_data_root):
     cfg = _config(tmp_path, tmp_path / "no_such_model", tiny_data_root, "method=lora")
