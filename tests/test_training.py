@@ -134,6 +134,9 @@ def test_adapter_reloads_to_same_test_predictions(tmp_path, tiny_data_root, tiny
 def test_lora_trains_adapters_only_and_vanilla_trains_everything(tmp_path, tiny_data_root, tiny_llama_dir):
     metrics = run_training(_config(tmp_path, tiny_llama_dir, tiny_data_root, "method=lora", "train.epochs=1"))
     assert metrics["trainable_parameters"] < 5000
+    # The canary's screen runs on a decoder too (features at the last non-pad token) and records what it planted.
+    screen = metrics["canary"]["screen"]
+    assert screen["trigger"] == metrics["canary"]["trigger"] and len(screen["shifts"]) == screen["candidate"] + 1
     metrics_full = run_training(
         _config(tmp_path / "v", tiny_llama_dir, tiny_data_root, "method=vanilla", "train.epochs=1")
     )
