@@ -112,6 +112,10 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="write the comparison table here")
     parser.add_argument("--eager", action="store_true",
                         help="use transformers' eager attention, as the authors' transformers 4.40 does (default: SDPA)")
+    parser.add_argument("--own-reference", action="store_true",
+                        help="draw every reference batch from this pipeline's own reference rows and draws (its seed's "
+                             "dev-clean split, align.ref_sampling) instead of the authors' recorded batch: isolates the "
+                             "reference stream (the training batches and initial weights stay the authors')")
     parser.add_argument("overrides", nargs="*", help="extra key=value overrides of this pipeline's config")
     args = parser.parse_args()
     dump = Path(args.dump)
@@ -170,6 +174,11 @@ def main() -> None:
         ds = Dataset.from_dict({"text": rows["text"], "label": rows["label"]})
         return data_lib.encode(ds, tokenizer, max_length=cfg.data.max_length)
 
+    own_reference = None
+    if args.own_reference:
+        _, own_rows = training._training_data(cfg)
+        own_reference = data_lib.encode(own_rows.reference, tokenizer, max_length=cfg.data.max_length)
+
     captured: dict[str, Any] = {}
     product_align = training.align_gradients
 
@@ -205,7 +214,8 @@ def main() -> None:
         loss = training.batch_loss(engine.forward_module, batch)
         engine.backward(loss * engine.loss_scale, boundary=True)
         record = training.optimiser_step(
-            engine=engine, scheduler=scheduler, cfg=cfg, reference=encoded(step["reference"]), collate=collate,
+            engine=engine, scheduler=scheduler, cfg=cfg,
+            reference=own_reference if own_reference is not None else encoded(step["reference"]), collate=collate,
             ref_draw=k, epoch=epoch, global_step=k, loss_sum=float(loss.detach()) * len(train_rows),
         )
         tensors_path = dump / f"step_{k}.safetensors"
