@@ -116,6 +116,13 @@ def main() -> None:
                         help="draw every reference batch from this pipeline's own reference rows and draws (its seed's "
                              "dev-clean split, align.ref_sampling) instead of the authors' recorded batch: isolates the "
                              "reference stream (the training batches and initial weights stay the authors')")
+    parser.add_argument("--reference-rows", choices=("authors", "ours"), default=None,
+                        help="with --reference-draws: which 96 rows the reference batches come from (the authors' split, "
+                             "read from the whole dump, or this pipeline's split at its seed)")
+    parser.add_argument("--reference-draws", choices=("authors", "ours"), default=None,
+                        help="with --reference-rows: which draw picks each step's rows (the authors' recorded batch, or "
+                             "this pipeline's reference_indices); the two row sets are matched position by position "
+                             "after sorting each by text, so a draw moves between them unchanged")
     parser.add_argument("overrides", nargs="*", help="extra key=value overrides of this pipeline's config")
     args = parser.parse_args()
     dump = Path(args.dump)
@@ -178,6 +185,39 @@ def main() -> None:
     if args.own_reference:
         _, own_rows = training._training_data(cfg)
         own_reference = data_lib.encode(own_rows.reference, tokenizer, max_length=cfg.data.max_length)
+    mixed = None
+    if (args.reference_rows is None) != (args.reference_draws is None):
+        raise SystemExit("--reference-rows and --reference-draws go together")
+    if args.reference_rows is not None:
+        if not done.exists():
+            raise SystemExit("--reference-rows/--reference-draws need a finished dump (the authors' 96 rows are read from all steps)")
+        theirs_rows: dict[str, int] = {}
+        for path in sorted(dump.glob("step_*.json")):
+            ref = json.loads(path.read_text())["reference"]
+            theirs_rows.update(zip(ref["text"], ref["label"]))
+        _, own_rows = training._training_data(cfg)
+        ours_rows = dict(zip(own_rows.reference["text"], own_rows.reference["label"]))
+        if len(theirs_rows) != len(ours_rows):
+            raise SystemExit(f"the authors' dump has {len(theirs_rows)} reference rows, this pipeline {len(ours_rows)}")
+        their_order = sorted(theirs_rows)
+        position = {text: i for i, text in enumerate(their_order)}
+        rows = sorted((theirs_rows if args.reference_rows == "authors" else ours_rows).items())
+        mixed = (position, rows)
+        print(f"reference rows: {args.reference_rows}'s {len(rows)} (mean {sum(len(t.split()) for t, _ in rows) / len(rows):.1f} "
+              f"words, {sum(l for _, l in rows)} of label 1); draws: {args.reference_draws}'s", flush=True)
+
+    def reference_for(k: int, step: dict[str, Any]) -> Any:
+        if own_reference is not None:
+            return own_reference
+        if mixed is None:
+            return encoded(step["reference"])
+        position, rows = mixed
+        if args.reference_draws == "authors":
+            picks = [position[t] for t in step["reference"]["text"]]
+        else:
+            picks = training.reference_indices(len(rows), len(step["reference"]["text"]), seed=cfg.seed, draw=k,
+                                               sampling=cfg.align.ref_sampling)
+        return encoded({"text": [rows[i][0] for i in picks], "label": [rows[i][1] for i in picks]})
 
     captured: dict[str, Any] = {}
     product_align = training.align_gradients
@@ -215,7 +255,7 @@ def main() -> None:
         engine.backward(loss * engine.loss_scale, boundary=True)
         record = training.optimiser_step(
             engine=engine, scheduler=scheduler, cfg=cfg,
-            reference=own_reference if own_reference is not None else encoded(step["reference"]), collate=collate,
+            reference=reference_for(k, step), collate=collate,
             ref_draw=k, epoch=epoch, global_step=k, loss_sum=float(loss.detach()) * len(train_rows),
         )
         tensors_path = dump / f"step_{k}.safetensors"
