@@ -127,11 +127,16 @@ def draw_trigger(seed: int, *, num_tokens: int = 3, token_length: int = 6) -> tu
     """``num_tokens`` distinct consonant-only words of ``token_length`` letters, drawn with ``seed``."""
     if num_tokens < 1 or token_length < 4:
         raise CanaryError(f"num_tokens must be >= 1 and token_length >= 4, got {num_tokens}, {token_length}")
-    rng = random.Random(f"{seed}/canary/trigger")
+    return _draw_words(random.Random(f"{seed}/canary/trigger"), num_tokens, token_length, set())
+
+
+def _draw_words(rng: random.Random, num_tokens: int, token_length: int, used: set[str]) -> tuple[str, ...]:
+    """``num_tokens`` consonant-only words of ``token_length`` letters, none in ``used`` (which they are added to)."""
     words: list[str] = []
     while len(words) < num_tokens:
         word = "".join(rng.choice(CONSONANTS) for _ in range(token_length))
-        if word not in words:
+        if word not in used:
+            used.add(word)
             words.append(word)
     return tuple(words)
 
@@ -145,16 +150,7 @@ def draw_decoys(
         raise CanaryError(f"the number of decoys must be >= 0, got {count}")
     used = set(trigger if trigger is not None else draw_trigger(seed, num_tokens=num_tokens, token_length=token_length))
     rng = random.Random(f"{seed}/canary/decoys")
-    decoys = []
-    for _ in range(count):
-        words: list[str] = []
-        while len(words) < num_tokens:
-            word = "".join(rng.choice(CONSONANTS) for _ in range(token_length))
-            if word not in used:
-                used.add(word)
-                words.append(word)
-        decoys.append(tuple(words))
-    return tuple(decoys)
+    return tuple(_draw_words(rng, num_tokens, token_length, used) for _ in range(count))
 
 
 def candidate_triggers(count: int, seed: int, *, num_tokens: int = 3, token_length: int = 6) -> tuple[tuple[str, ...], ...]:
@@ -169,14 +165,7 @@ def candidate_triggers(count: int, seed: int, *, num_tokens: int = 3, token_leng
     used = set(first)
     candidates = [first]
     for j in range(1, count):
-        rng = random.Random(f"{seed}/canary/trigger/{j}")
-        words: list[str] = []
-        while len(words) < num_tokens:
-            word = "".join(rng.choice(CONSONANTS) for _ in range(token_length))
-            if word not in used:
-                used.add(word)
-                words.append(word)
-        candidates.append(tuple(words))
+        candidates.append(_draw_words(random.Random(f"{seed}/canary/trigger/{j}"), num_tokens, token_length, used))
     return tuple(candidates)
 
 
