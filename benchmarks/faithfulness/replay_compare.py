@@ -123,6 +123,9 @@ def main() -> None:
                         help="with --reference-rows: which draw picks each step's rows (the authors' recorded batch, or "
                              "this pipeline's reference_indices); the two row sets are matched position by position "
                              "after sorting each by text, so a draw moves between them unchanged")
+    parser.add_argument("--authors-rows-from", type=Path, default=None,
+                        help="with --reference-rows authors: take the authors' 96 rows from this other dump (another "
+                             "seed's split; upstream_dump.py --steps 25 records nearly surely all of them)")
     parser.add_argument("overrides", nargs="*", help="extra key=value overrides of this pipeline's config")
     args = parser.parse_args()
     dump = Path(args.dump)
@@ -191,17 +194,23 @@ def main() -> None:
     if args.reference_rows is not None:
         if not done.exists():
             raise SystemExit("--reference-rows/--reference-draws need a finished dump (the authors' 96 rows are read from all steps)")
-        theirs_rows: dict[str, int] = {}
-        for path in sorted(dump.glob("step_*.json")):
-            ref = json.loads(path.read_text())["reference"]
-            theirs_rows.update(zip(ref["text"], ref["label"]))
+        def dump_rows(folder: Path) -> dict[str, int]:
+            found: dict[str, int] = {}
+            for path in sorted(folder.glob("step_*.json")):
+                ref = json.loads(path.read_text())["reference"]
+                found.update(zip(ref["text"], ref["label"]))
+            return found
+
+        theirs_rows = dump_rows(dump)
         _, own_rows = training._training_data(cfg)
         ours_rows = dict(zip(own_rows.reference["text"], own_rows.reference["label"]))
-        if len(theirs_rows) != len(ours_rows):
-            raise SystemExit(f"the authors' dump has {len(theirs_rows)} reference rows, this pipeline {len(ours_rows)}")
+        other_rows = dump_rows(args.authors_rows_from) if args.authors_rows_from is not None else theirs_rows
+        if not len(theirs_rows) == len(ours_rows) == len(other_rows):
+            raise SystemExit(f"reference rows: the dump has {len(theirs_rows)}, this pipeline {len(ours_rows)}, "
+                             f"--authors-rows-from {len(other_rows)}; they must match")
         their_order = sorted(theirs_rows)
         position = {text: i for i, text in enumerate(their_order)}
-        rows = sorted((theirs_rows if args.reference_rows == "authors" else ours_rows).items())
+        rows = sorted((other_rows if args.reference_rows == "authors" else ours_rows).items())
         mixed = (position, rows)
         print(f"reference rows: {args.reference_rows}'s {len(rows)} (mean {sum(len(t.split()) for t, _ in rows) / len(rows):.1f} "
               f"words, {sum(l for _, l in rows)} of label 1); draws: {args.reference_draws}'s", flush=True)
