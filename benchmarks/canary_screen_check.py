@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from pipeline import training
-    from pipeline.config import RunConfig, load_config
+    from pipeline.config import load_config
 
     torch.set_num_threads(1)
     check = _decoy_check()
@@ -104,9 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     tolerance = None
     for run in args.runs:
         cfg = load_config(run / "config.yaml")
-        limit = args.max_shift if args.max_shift is not None else 100 * (cfg.canary.screen_max_shift
-                                                                            if hasattr(cfg.canary, "screen_max_shift")
-                                                                            else RunConfig().canary.screen_max_shift)
+        limit = args.max_shift if args.max_shift is not None else 100 * cfg.canary.screen_max_shift
         tolerance = 100 * cfg.canary.tolerance
         r = check.check_run(run, args.decoys)
         spec = training.canary_spec(cfg, decoys=args.decoys)

@@ -233,6 +233,15 @@ def plant(train: Dataset, spec: CanarySpec) -> tuple[Dataset, tuple[int, ...]]:
     return _with_rows(train, texts, labels), planted
 
 
+def _selection_copies(texts: Sequence[str], rows: Sequence[int], trigger: Sequence[str], seed: int) -> list[str]:
+    """``texts[i]`` for each of ``rows`` with ``trigger`` inserted at the canary's positions for selection row ``i``.
+
+    The positions depend on the canary seed and the row only, so the canary, its decoys and the screen's candidates
+    all go into the same places.
+    """
+    return [insert_trigger(texts[i], trigger, random.Random(f"{seed}/canary/selection/{i}")) for i in rows]
+
+
 def triggered_selection(selection: Dataset, spec: CanarySpec) -> tuple[Dataset, tuple[int, ...]]:
     """Triggered copies of the selection rows whose label is not the canary target.
 
@@ -249,7 +258,7 @@ def triggered_selection(selection: Dataset, spec: CanarySpec) -> tuple[Dataset, 
             f"no selection row has a label other than the canary target {spec.target_label}; the canary ASR "
             "cannot be measured. Set canary.target_label to another class or canary.enabled=false"
         )
-    copies = [insert_trigger(texts[i], spec.trigger, random.Random(f"{spec.seed}/canary/selection/{i}")) for i in rows]
+    copies = _selection_copies(texts, rows, spec.trigger, spec.seed)
     return _with_rows(selection, copies, [labels[i] for i in rows]), rows
 
 
@@ -258,7 +267,7 @@ def decoy_selection(selection: Dataset, spec: CanarySpec, rows: Sequence[int]) -
     texts, labels = _columns(selection, "the selection rows")
     return tuple(
         _with_rows(selection,
-                   [insert_trigger(texts[i], decoy, random.Random(f"{spec.seed}/canary/selection/{i}")) for i in rows],
+                   _selection_copies(texts, rows, decoy, spec.seed),
                    [labels[i] for i in rows])
         for decoy in spec.decoys
     )
@@ -530,7 +539,7 @@ def screen_trigger(
     clean_rate = float((predicted[rows] == target).double().mean())
     shifts: list[float] = []
     for trigger in candidates:
-        copies = [insert_trigger(texts[i], trigger, random.Random(f"{seed}/canary/selection/{i}")) for i in rows]
+        copies = _selection_copies(texts, rows, trigger, seed)
         shift = float((probe(embed(copies)) == target).double().mean()) - clean_rate
         shifts.append(shift)
         if shift <= max_shift + 1e-12:
