@@ -18,8 +18,10 @@ Writes, under --out-root, the poison_data layout of the run's data:
                                                                      and precision
 
 Rows filtered (--rows): "run" (default) the rows the run trained on, i.e. its seeded
-data.max_train_samples subset, so a second run with the same config sees exactly those rows minus
-the removed ones; "all" every row of the training file. The filters never read poison_label; the
+data.max_train_samples subset minus the rows its own filter.method (e.g. lexical_zscore, the defended
+recipe's) removed before training, so a second run with the same config (and filter.method=none when
+the first had a filter: its rows are already out) sees exactly those rows minus the removed ones;
+"all" every row of the training file. The filters never read poison_label; the
 report compares their choice with it afterwards.
 """
 
@@ -82,27 +84,59 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _training_rows(cfg: Any, paths: Any, rows: str) -> tuple[Any, list[int]]:
-    """The training file with poison labels, and the indices of the rows to filter."""
+    """The training file with poison labels, and the indices of the rows to filter.
+
+    ``rows == "run"``: the rows the run trained on, i.e. its seeded ``data.max_train_samples`` subset minus
+    the rows its own ``filter.method`` removed before training (checked against the loader's draw).
+    """
     import numpy as np
 
     from pipeline import data as data_lib
 
     full = data_lib.read_split(paths.train, num_labels=cfg.model.num_labels, keep_poison_label=True)
-    size = cfg.data.max_train_samples
-    if rows == "all" or size is None or size >= len(full):
+    if rows == "all":
         return full, list(range(len(full)))
-    # The seeded subset pipeline.data.load_training_data draws; checked against it below.
-    indices = np.sort(np.random.default_rng(cfg.seed).permutation(len(full))[:size]).tolist()
-    trained = data_lib.load_training_data(
-        paths, ref_size=0, seed=cfg.seed, num_labels=cfg.model.num_labels, max_train_samples=size
-    ).train
-    subset = full.select(indices)
-    if subset["text"] != trained["text"] or subset["label"] != trained["label"]:
-        raise RuntimeError(
-            "the training subset drawn here differs from pipeline.data.load_training_data's; "
-            "update _training_rows in launch/filter_data.py to the loader's draw, or use --rows all"
-        )
+    size = cfg.data.max_train_samples
+    if size is None or size >= len(full):
+        indices = list(range(len(full)))
+    else:
+        # The seeded subset pipeline.data.load_training_data draws; checked against it below.
+        indices = np.sort(np.random.default_rng(cfg.seed).permutation(len(full))[:size]).tolist()
+        trained = data_lib.load_training_data(
+            paths, ref_size=0, seed=cfg.seed, num_labels=cfg.model.num_labels, max_train_samples=size
+        ).train
+        subset = full.select(indices)
+        if subset["text"] != trained["text"] or subset["label"] != trained["label"]:
+            raise RuntimeError(
+                "the training subset drawn here differs from pipeline.data.load_training_data's; "
+                "update _training_rows in launch/filter_data.py to the loader's draw, or use --rows all"
+            )
+    if cfg.filter.method not in (None, "none"):  # None: unresolved auto, which a finished run never has
+        indices = _after_run_filter(cfg, full, indices)
     return full, indices
+
+
+def _after_run_filter(cfg: Any, full: Any, indices: list[int]) -> list[int]:
+    """``indices`` minus the rows the run's own ``filter.method`` removed before it trained."""
+    from pipeline.training import filtered_training_rows
+
+    trained = filtered_training_rows(cfg)
+    kept_rows = list(zip(trained["text"], trained["label"]))
+    texts, labels = full["text"], full["label"]
+    out: list[int] = []
+    for index in indices:  # the kept rows are a subsequence of the subset, in file order
+        if len(out) < len(kept_rows) and (texts[index], labels[index]) == kept_rows[len(out)]:
+            out.append(index)
+    if len(out) != len(kept_rows):
+        raise RuntimeError(
+            f"the {len(kept_rows)} rows kept by the run's filter.method={cfg.filter.method} are not a subsequence of its "
+            f"{len(indices)} training rows; use --rows all"
+        )
+    logging.getLogger("launch.filter_data").info(
+        "the run's own filter.method=%s removed %d of its %d training rows before training; they are left out here too",
+        cfg.filter.method, len(indices) - len(out), len(indices),
+    )
+    return out
 
 
 def filter_run_data(cfg: Any, tokenizer: Any, model: Any, args: argparse.Namespace, device: Any) -> dict[str, Any]:
@@ -192,7 +226,8 @@ def filter_run_data(cfg: Any, tokenizer: Any, model: Any, args: argparse.Namespa
         "details": result.details,
         "removed": list(result.removed),
         "poison_report_only": filter_report(result, rows["poison_label"]),
-        "next_run": f"data.root={out_root}",
+        "run_filter": cfg.filter.method,
+        "next_run": f"data.root={out_root}" + (" filter.method=none" if cfg.filter.method not in (None, "none") else ""),
     }
     atomic_write_json(report_path, report)
     return report

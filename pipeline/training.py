@@ -707,6 +707,16 @@ def _filter_rows(cfg: RunConfig, training: data_lib.TrainingData) -> tuple[data_
     return dataclasses.replace(training, train=kept), report
 
 
+def filtered_training_rows(cfg: RunConfig) -> datasets.Dataset:
+    """The training-file rows a run with ``cfg`` trains on before its canary is planted.
+
+    Its seeded ``data.max_train_samples`` subset minus the rows ``filter.method`` removes (the same
+    calibration as in training), in file order; columns ``text`` and ``label``.
+    """
+    _, training = _training_data(cfg)
+    return _filter_rows(cfg, training)[0].train
+
+
 def canary_spec(cfg: RunConfig, *, decoys: int | None = None) -> canary_lib.CanarySpec:
     """The run's canary from its resolved config (``decoys``: that many decoy triggers instead of canary.decoys)."""
     c = cfg.canary

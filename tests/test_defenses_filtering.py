@@ -8,6 +8,7 @@ a small poison cluster carrying the target label.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import subprocess
@@ -365,3 +366,31 @@ def test_filter_run_data_writes_a_loadable_tree_and_report(tmp_path, tiny_bert_d
     report = json.loads((paths.train.parent / cli.REPORT_FILE).read_text())
     assert report["details"]["method"] == "cube" and report["poison_report_only"]["num_rows"] == 96
     assert len(data_lib.read_split(paths.train)) == report["poison_report_only"]["num_kept"]
+
+
+def test_filter_run_data_leaves_out_the_rows_the_runs_own_filter_removed(tmp_path, tiny_bert_dir, tiny_data_root):
+    """A run that filtered its rows first (filter.method, the defended recipe's) trained without them: --rows run too."""
+    from pipeline import training
+
+    cli = _cli()
+    cfg, tokenizer, model = _toy_run(tiny_bert_dir, tiny_data_root)
+    # threshold 3: on the toy rows the filter flags some sentiment n-grams (z 3.4) and removes 31 of the 60 rows
+    cfg = dataclasses.replace(cfg, filter=dataclasses.replace(cfg.filter, method="lexical_zscore", threshold=3.0),
+                              data=dataclasses.replace(cfg.data, ref_size=8))
+    out = tmp_path / "filtered"
+    args = cli.parse_args([str(tmp_path), "--method", "bki", "--out-root", str(out), "--batch-size", "16", "--device", "cpu"])
+    report = cli.filter_run_data(cfg, tokenizer, model, args, torch.device("cpu"))
+
+    source = data_lib.split_paths(tiny_data_root, "toy", "badnets")
+    full = data_lib.read_split(source.train, keep_poison_label=True)
+    subset = data_lib.load_training_data(source, ref_size=0, seed=3, max_train_samples=60).train
+    after_filter = training.filtered_training_rows(cfg)
+    assert 0 < len(after_filter) < len(subset) == 60  # the run's filter removed rows
+    used = full.select(report["row_indices"])
+    assert used["text"] == after_filter["text"] and used["label"] == after_filter["label"]
+    assert report["poison_report_only"]["num_rows"] == len(after_filter)
+    assert report["run_filter"] == "lexical_zscore" and report["next_run"].endswith("filter.method=none")
+    # --rows all still means every row of the file
+    every = cli.parse_args([str(tmp_path), "--method", "bki", "--out-root", str(out), "--rows", "all", "--overwrite",
+                            "--batch-size", "16", "--device", "cpu"])
+    assert cli.filter_run_data(cfg, tokenizer, model, every, torch.device("cpu"))["row_indices"] == list(range(len(full)))
