@@ -61,15 +61,16 @@ layer. The backward working set (gradients of the activations of the layer being
 ``max(h i, h^2) d`` with a quantized base.
 
 The step's peak: autograd frees the task graph during ``backward``, so the reference pass of an
-alignment method (a second forward/backward of the same batch size through ``torch.autograd.grad``)
-does not stack its activations on the task's; what it stacks them on is the task gradient, kept in
-``.grad`` until the aligned gradient replaces it. With ``A = activations + logits + working set``, ``G``
+alignment method (a second forward/backward through ``torch.autograd.grad``, of the reference batch's rows
+per device: ``A_r`` is ``A`` at that batch) does not stack its activations on the task's; what it stacks
+them on is the task gradient, kept in ``.grad`` until the aligned gradient replaces it. With
+``A = activations + logits + working set``, ``G``
 the gradients above and ``R = T d_a`` the reference gradients autograd returns (full-size on every
 rank, also under ZeRO)::
 
     task pass       = max(A, G)       one micro-batch: parameter gradients appear while activations are
                                       freed (A + G when gradients accumulate over micro-batches)
-    reference pass  = G + max(A, R + B)   B: alignment buffers after the reference backward: the
+    reference pass  = G + max(A_r, R + B) B: alignment buffers after the reference backward: the
                                       aligned gradient (4 T), float32 copies of task and reference
                                       gradients when d != 4, and the all-reduce bucket (4 T reference
                                       + 4 T assembled task gradient under ZeRO) for W > 1
@@ -213,6 +214,8 @@ class MemoryEstimate:
             f"{', parameter offload' if i.get('offload_param') else ''}; micro-batch {i.get('micro_batch_size')} x "
             f"{i.get('seq_len')} tokens; checkpointing {'on' if i.get('gradient_checkpointing') else 'off'}; "
             f"alignment {'on' if i.get('alignment') else 'off'}"
+            + (f" (reference batch {i['reference_micro_batch_size']} rows)"
+               if i.get("alignment") and i.get("reference_micro_batch_size") not in (None, i.get("micro_batch_size")) else "")
         )
         ckpt_note = "checkpointed" if i.get("gradient_checkpointing") else "all layers"
         rows = [
@@ -256,6 +259,8 @@ def _check_arguments(**values: Any) -> None:
             f"trainable_parameters must be in [0, num_parameters={values['num_parameters']}], "
             f"got {values['trainable_parameters']}"
         )
+    if values["reference_micro_batch_size"] is not None and values["reference_micro_batch_size"] < 1:
+        problems.append(f"reference_micro_batch_size must be >= 1 or None, got {values['reference_micro_batch_size']}")
     if values["dtype_bytes"] not in (1, 2, 4, 8):
         problems.append(f"dtype_bytes must be 1, 2, 4 or 8, got {values['dtype_bytes']}")
     if values["quantization"] not in ("none", "nf4", "fp4", "int8"):
@@ -383,6 +388,7 @@ def estimate_peak_memory(
     grad_accum_steps: int = 1,
     num_labels: int = 2,
     overhead_bytes: int | None = None,
+    reference_micro_batch_size: int | None = None,
 ) -> MemoryEstimate:
     """Estimate the peak memory of one device during a training step (formulas in the module docstring).
 
@@ -417,6 +423,8 @@ def estimate_peak_memory(
         grad_accum_steps: micro-batches per optimizer step (> 1 keeps gradients alive across forwards).
         num_labels: classes of the classifier.
         overhead_bytes: fixed framework overhead; default ``DEFAULT_OVERHEAD_BYTES[device]``.
+        reference_micro_batch_size: rows per device of the alignment's reference pass (``align.ref_batch_size``
+            over the ranks); default ``micro_batch_size``.
 
     Returns:
         The :class:`MemoryEstimate`.
@@ -461,34 +469,30 @@ def estimate_peak_memory(
     if zero_stage >= 1 and not offload_optimizer:
         grads += 4 * trainable_parameters / world_size  # fp32 gradient partition
 
-    b, s, h, i, n = micro_batch_size, seq_len, hidden_size, intermediate_size, num_heads
-    t = b * s
+    s, h, i, n = seq_len, hidden_size, intermediate_size, num_heads
     mask_bytes = d if device == "cpu" else 1
     attention_mask_bytes = mask_bytes if attention_dropout > 0 else 0
     hidden_mask_bytes = mask_bytes if hidden_dropout > 0 else 0
     flash = attention == "sdpa" and (device == "cuda" or attention_dropout == 0)
-    per_layer = layer_activation_bytes(
-        layer_kind=kind, tokens=t, micro_batch_size=b, seq_len=s, hidden_size=h, intermediate_size=i,
-        num_heads=n, dtype_bytes=d, full_finetune=full_finetune, flash_attention=flash,
-        attention_mask_bytes=attention_mask_bytes, hidden_mask_bytes=hidden_mask_bytes,
-    )
-    edges = (t * h * d if is_decoder else 0) + (3 * t * h * d + 16 * t if full_finetune else 0)
-    activations_plain = num_layers * per_layer + edges
-    activations_ckpt = num_layers * t * h * d + edges + per_layer
-    activations = activations_ckpt if gradient_checkpointing else activations_plain
-    if is_decoder:
-        logits = t * (2 * LLM_HEAD_DIM + num_labels) * d
-    else:
-        logits = b * (2 * h + num_labels) * d
-    mlp_working = (2 if kind == "bert" else 3) * t * i * d
-    if flash:
-        attention_working = 4 * t * h * d
-    else:
-        attention_working = 2 * b * n * s * s * max(d, 4 if kind == "llama" else d)
-    working = max(mlp_working, attention_working)
-    if quantized:
-        working += max(h * i, h * h) * d
 
+    def pass_terms(b: int) -> tuple[float, float, float, float, float]:
+        """Activations (as configured, plain, checkpointed), logits + loss, working set of one pass of b rows."""
+        t = b * s
+        per_layer = layer_activation_bytes(
+            layer_kind=kind, tokens=t, micro_batch_size=b, seq_len=s, hidden_size=h, intermediate_size=i,
+            num_heads=n, dtype_bytes=d, full_finetune=full_finetune, flash_attention=flash,
+            attention_mask_bytes=attention_mask_bytes, hidden_mask_bytes=hidden_mask_bytes,
+        )
+        edges = (t * h * d if is_decoder else 0) + (3 * t * h * d + 16 * t if full_finetune else 0)
+        plain = num_layers * per_layer + edges
+        ckpt = num_layers * t * h * d + edges + per_layer
+        logits = t * (2 * LLM_HEAD_DIM + num_labels) * d if is_decoder else b * (2 * h + num_labels) * d
+        mlp_working = (2 if kind == "bert" else 3) * t * i * d
+        attention_working = 4 * t * h * d if flash else 2 * b * n * s * s * max(d, 4 if kind == "llama" else d)
+        working = max(mlp_working, attention_working) + (max(h * i, h * h) * d if quantized else 0)
+        return (ckpt if gradient_checkpointing else plain), plain, ckpt, logits, working
+
+    activations, activations_plain, activations_ckpt, logits, working = pass_terms(micro_batch_size)
     activation_peak = activations + logits + working
     task = _task_pass(int(grads), activation_peak, grad_accum_steps)
     if device == "cuda":
@@ -504,7 +508,9 @@ def estimate_peak_memory(
             buffers += 8 * trainable_parameters  # float32 copies of task and reference gradients
         if world_size > 1:
             buffers += 4 * trainable_parameters * (2 if zero_stage >= 1 else 1)  # all-reduce bucket
-        reference = grads + max(activation_peak, ref_grads + buffers)
+        ref_rows = micro_batch_size if reference_micro_batch_size is None else reference_micro_batch_size
+        ref_activations, _, _, ref_logits, ref_working = pass_terms(ref_rows)
+        reference = grads + max(ref_activations + ref_logits + ref_working, ref_grads + buffers)
     phase_bytes = {"task": task, "optimizer": step}
     if alignment:
         phase_bytes["reference"] = reference

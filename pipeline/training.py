@@ -622,6 +622,7 @@ def plan_memory(
         trainable_parameters=trainable,
         seq_len=seq_len,
         micro_batch_size=math.ceil(cfg.train.batch_size / world_size),
+        reference_micro_batch_size=math.ceil(reference_batch_size(cfg) / world_size),
         dtype_bytes=torch.finfo(_DTYPES[cfg.model.dtype]).bits // 8,
         quantization=cfg.model.quantization,
         zero_stage=dist.zero_stage(ds_config) if ds_config is not None else 0,

@@ -157,6 +157,24 @@ def test_alignment_adds_the_reference_pass() -> None:
     assert e.total == 24_000_000
 
 
+def test_reference_pass_uses_the_reference_batch() -> None:
+    """align.ref_batch_size: the reference pass holds the activations of its own rows, the task pass of its own."""
+    def activation_peak(rows: int) -> int:
+        e = _estimate(micro_batch_size=rows)
+        return e.activations + e.logits_loss + e.backward_working_set
+
+    default = _estimate(alignment=True)
+    assert _estimate(alignment=True, reference_micro_batch_size=8).phases == default.phases
+    for rows in (4, 32):
+        e = _estimate(alignment=True, reference_micro_batch_size=rows)
+        assert e.phases["task"] == default.phases["task"] and e.activations == default.activations
+        assert e.phases["reference"] - default.phases["reference"] == activation_peak(rows) - activation_peak(8)
+        assert e.inputs["reference_micro_batch_size"] == rows
+    assert _estimate(alignment=True, reference_micro_batch_size=32).total > default.total
+    with pytest.raises(ValueError, match="reference_micro_batch_size must be >= 1"):
+        _estimate(alignment=True, reference_micro_batch_size=0)
+
+
 def test_gradient_accumulation_keeps_gradients_alive_through_the_forward() -> None:
     one, two = _estimate(), _estimate(grad_accum_steps=2)
     assert two.phases["task"] == one.phases["task"] + one.gradients

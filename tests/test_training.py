@@ -83,6 +83,7 @@ def _check_memory_plan(metrics: dict, run: Path, model_dir: Path, data_root: Pat
     stored = metrics["memory_estimate"]
     inputs = stored["inputs"]
     assert inputs["micro_batch_size"] == 8 and inputs["alignment"] is True and inputs["zero_stage"] == 0
+    assert inputs["reference_micro_batch_size"] == 8  # align.ref_batch_size null: the training batch
     assert inputs["world_size"] == 1 and inputs["quantization"] == "none" and inputs["dtype_bytes"] == 4
     assert inputs["trainable_parameters"] == metrics["trainable_parameters"]
     shape = memory.model_shape_info(transformers.AutoConfig.from_pretrained(model_dir), num_labels=2)
