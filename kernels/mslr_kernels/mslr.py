@@ -141,19 +141,14 @@ class _MSLRLinear(torch.autograd.Function):
         out.addmm_(z * scale_vec, lora_b.t())  # += (z*s) B^T, rank-(B*r) update in place
         need_x, need_a, need_b, need_s = (ctx.needs_input_grad[i] for i in (0, 3, 4, 5))
         ctx.save_for_backward(
-            x2 if need_a else None,
-            z if (need_b or need_s) else None,
-            weight if need_x else None,
-            lora_a if need_x else None,
-            lora_b if (need_x or need_a or need_s) else None,
-            scale_vec,
+            weight if need_x else None, *_low_rank_saved(x2, z, lora_a, lora_b, scale_vec, need_x, need_a, need_b, need_s)
         )
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     @once_differentiable
     def backward(ctx: FunctionCtx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        x2, z, weight, lora_a, lora_b, scale_vec = ctx.saved_tensors
+        weight, x2, z, lora_a, lora_b, scale_vec = ctx.saved_tensors
         need_x, need_a, need_b, need_s = (ctx.needs_input_grad[i] for i in (0, 3, 4, 5))
         g = _rows(grad_out)  # [n, d_out]
         grad_x = None
@@ -188,13 +183,7 @@ class _MSLRDelta(torch.autograd.Function):
         else:
             out = torch.addmm(_rows(base_out), zs, lora_b.t())
         need_x, need_a, need_b, need_s = (ctx.needs_input_grad[i] for i in range(4))
-        ctx.save_for_backward(
-            x2 if need_a else None,
-            z if (need_b or need_s) else None,
-            lora_a if need_x else None,
-            lora_b if (need_x or need_a or need_s) else None,
-            scale_vec,
-        )
+        ctx.save_for_backward(*_low_rank_saved(x2, z, lora_a, lora_b, scale_vec, need_x, need_a, need_b, need_s))
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
@@ -208,6 +197,20 @@ class _MSLRDelta(torch.autograd.Function):
         )
         grad_x = (grad_z @ lora_a).view(*grad_out.shape[:-1], lora_a.shape[1]) if need_x else None
         return grad_x, grad_a, grad_b, grad_s, (grad_out if need_base else None)
+
+
+def _low_rank_saved(
+    x2: Tensor, z: Tensor, lora_a: Tensor, lora_b: Tensor, scale_vec: Tensor,
+    need_x: bool, need_a: bool, need_b: bool, need_s: bool,
+) -> tuple[Tensor | None, ...]:
+    """What the low-rank branch's backward reads, ``(x2, z, lora_a, lora_b, scale_vec)``; None where unneeded."""
+    return (
+        x2 if need_a else None,
+        z if (need_b or need_s) else None,
+        lora_a if need_x else None,
+        lora_b if (need_x or need_a or need_s) else None,
+        scale_vec,
+    )
 
 
 def _low_rank_backward(
