@@ -9,6 +9,9 @@ baseline, while the baseline's attacks bite (its trigger-added ASR at least ``--
 Each attack's number is first averaged over that method's seeds, then the attacks are averaged (every attack
 counts once, whatever its number of seeds). Only attacks where the recipe and the baseline both have finished
 seeds count; the table says how many seeds each cell has. Controls are printed beside, not judged.
+``--seeds 42 43 44`` counts only those seeds (same-seed comparisons). Before the test numbers it prints the
+selection numbers of every method shown: the mean dev-clean accuracy of the selected epochs and how many runs
+held their canary (the numbers a choice between settings may use).
 
 Prints a markdown table (per attack: mean +- sd over seeds of CACC, ASR, clean FPR, trigger-added ASR) and the
 verdict per target. Reads only results.csv: test numbers, used for the report, never for a choice.
@@ -54,7 +57,10 @@ def load(path: Path) -> dict[tuple[str, str], list[dict[str, float]]]:
             try:
                 out[(row["method"], row["attack"])].append({
                     **{m: float(row[m]) for m in METRICS}, "seed": int(row["seed"]),
-                    "filter_removed": None if row.get("filter_removed") is None else float(row["filter_removed"] or 0)})
+                    "filter_removed": None if row.get("filter_removed") is None else float(row["filter_removed"] or 0),
+                    # selection numbers (what a user sees): absent from older results.csv files
+                    "dev_clean_acc": float(row["dev_clean_acc"]) if row.get("dev_clean_acc") else None,
+                    "canary_held": {"True": True, "False": False}.get(row.get("canary_held") or "")})
             except ValueError as error:
                 raise SystemExit(f"error: {path}:{line}: {error}. Fix: rebuild results.csv with launch/matrix.py") from None
     return out
@@ -81,6 +87,26 @@ def adaptive(rows: dict[tuple[str, str], list[dict[str, float]]], found: str, ot
         raise SystemExit(f"error: no attack and seed has finished cells of both {found!r} and {other!r}. "
                          "Fix: check the method names (column 'method') or let the grid run longer")
     return name, out
+
+
+def only_seeds(rows: dict[tuple[str, str], list[dict[str, float]]], seeds: Sequence[int]) -> dict:
+    """The rows of these seeds only (for comparing methods on the same seeds)."""
+    kept = {key: [r for r in group if r["seed"] in set(seeds)] for key, group in rows.items()}
+    return {key: group for key, group in kept.items() if group}
+
+
+def selection(rows: dict[tuple[str, str], list[dict[str, float]]], methods: Sequence[str]) -> str:
+    """Per method: runs, mean selected dev-clean accuracy, canary held: the numbers a choice may use."""
+    lines = ["| method | runs | mean selected dev-clean accuracy | canary held |", "|---|---|---|---|"]
+    for method in methods:
+        group = [r for (m, _), g in sorted(rows.items()) if m == method for r in g]
+        if not group:
+            continue
+        dev = [r["dev_clean_acc"] for r in group if r["dev_clean_acc"] is not None]
+        held = [r["canary_held"] for r in group if r["canary_held"] is not None]
+        lines.append(f"| {method} | {len(group)} | {_mean(dev):.2f} ({len(dev)} runs) |" if dev else f"| {method} | {len(group)} | - |")
+        lines[-1] += f" {sum(held)} of {len(held)} |" if held else " - |"
+    return "\n".join(lines)
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -134,17 +160,24 @@ def main(argv: list[str] | None = None) -> int:
                         help="judge the rule: FOUND's cell where its filter removed rows, else OTHER's (same seed)")
     p.add_argument("--baseline", default="vanilla", help="the undefended method the CACC target compares with")
     p.add_argument("--controls", nargs="*", default=[], help="methods printed beside, not judged")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="count only these seeds (all methods)")
     p.add_argument("--max-added", type=float, default=5.0)
     p.add_argument("--max-cacc-drop", type=float, default=2.0)
     p.add_argument("--min-baseline-added", type=float, default=20.0)
     args = p.parse_args(argv)
     rows = load(args.results)
+    if args.seeds:
+        rows = only_seeds(rows, args.seeds)
     if args.adaptive:
         args.recipe, rows = adaptive(rows, *args.adaptive)
     verdict = evaluate(rows, args.recipe, args.baseline, max_added=args.max_added,
                        max_cacc_drop=args.max_cacc_drop, min_baseline_added=args.min_baseline_added)
     attacks = verdict["attacks"]
-    print(markdown(rows, [args.recipe, args.baseline, *args.controls], attacks))
+    shown = [args.recipe, args.baseline, *args.controls]
+    print("Selection numbers (dev-clean accuracy of the selected epoch, canary verdict; what a choice may use):\n")
+    print(selection(rows, shown))
+    print("\nTest numbers (report only):\n")
+    print(markdown(rows, shown, attacks))
     print()
     yes = {True: "met", False: "MISSED"}
     print(f"Over {len(attacks)} attack(s) ({', '.join(attacks)}):")

@@ -86,3 +86,27 @@ def test_adaptive_rule_takes_the_found_cell_only_where_its_filter_removed_rows(t
     old = _csv(tmp_path, [("found", "badnets", 42, 82.0, 10.0, 15.0), ("other", "badnets", 42, 79.0, 25.0, 20.0)])
     with pytest.raises(SystemExit, match="no filter_removed column"):
         _script().adaptive(_script().load(old), "found", "other")
+
+
+def test_seeds_restrict_every_method_and_selection_numbers_are_printed(tmp_path, capsys):
+    path = tmp_path / "results.csv"
+    rows = [  # method, attack, seed, cacc, asr, fpr, dev_clean_acc, canary_held
+        ("recipe", "badnets", 42, 80.0, 24.0, 20.0, 79.0, "True"), ("recipe", "badnets", 45, 70.0, 60.0, 20.0, 75.0, "False"),
+        ("cheap", "badnets", 42, 79.0, 25.0, 20.0, 78.5, "True"),
+        ("vanilla", "badnets", 42, 82.0, 95.0, 20.0, 82.0, "False"), ("vanilla", "badnets", 45, 82.0, 95.0, 20.0, 81.0, ""),
+    ]
+    path.write_text(HEADER.strip() + ",dev_clean_acc,canary_held\n" + "".join(
+        f"sst-2,minilm,{a},{m},,{s},{c},{asr},{fpr},{asr - fpr},1,{d},{h}\n" for m, a, s, c, asr, fpr, d, h in rows))
+    loaded = _script().load(path)
+    assert loaded[("vanilla", "badnets")][1]["canary_held"] is None  # empty: no canary verdict
+    both = _script().evaluate(loaded, "recipe", "vanilla")
+    assert both["recipe_added"] == pytest.approx((4.0 + 40.0) / 2)
+    only42 = _script().only_seeds(loaded, [42])
+    assert _script().evaluate(only42, "recipe", "vanilla")["recipe_added"] == pytest.approx(4.0)
+    assert ("recipe", "badnets") in only42 and [r["seed"] for r in only42[("recipe", "badnets")]] == [42]
+    _script().main(["--results", str(path), "--recipe", "recipe", "--controls", "cheap", "--seeds", "42"])
+    out = capsys.readouterr().out
+    assert "| recipe | 1 | 79.00 (1 runs) | 1 of 1 |" in out and "| cheap | 1 | 78.50 (1 runs) | 1 of 1 |" in out
+    assert out.index("Selection numbers") < out.index("Test numbers")
+    _script().main(["--results", str(path), "--recipe", "recipe"])
+    assert "| recipe | 2 | 77.00 (2 runs) | 1 of 2 |" in capsys.readouterr().out
