@@ -12,6 +12,7 @@ A grid file (YAML) names a base run config and the axes:
       musclelora_never_raw: {method: musclelora, overrides: [align.min_ref_loss=0, align.max_raw_ratio=0]}
     seeds: [42]                                # default seeds of every method
     method_seeds: {vanilla: [42, 43, 44]}      # per-method seeds (optional)
+    method_attacks: {lora: [badnets]}          # per-method attacks, a subset of attacks (optional)
     overrides: [train.epochs=2]                # dotted overrides for every cell
     method_overrides: {vanilla: [train.lr=2e-5]}
     cell_overrides:                            # extra overrides where all given keys match
@@ -104,7 +105,7 @@ logger = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[1]  # relative paths in grid files are read from here
 
 _GRID_KEYS = {
-    "base_config", "output_root", "datasets", "models", "attacks", "methods", "seeds", "method_seeds",
+    "base_config", "output_root", "datasets", "models", "attacks", "methods", "seeds", "method_seeds", "method_attacks",
     "overrides", "method_overrides", "cell_overrides", "title", "notes", "derived", "run_first", "run_last", "publish_dir",
     "discussion", "variants",
 }
@@ -239,6 +240,16 @@ def load_grid(path: str | os.PathLike[str]) -> Grid:
                 problems.append(f"{path}: {name} names {method!r}, which is not in methods {axes['methods']}{also}")
     if not isinstance(method_overrides, dict):
         method_overrides = {}
+    method_attacks = raw.get("method_attacks") or {}
+    if not isinstance(method_attacks, dict):
+        problems.append(f"{path}: method_attacks must map method -> list of attacks")
+        method_attacks = {}
+    for method, attacks in method_attacks.items():
+        if method not in axes["methods"]:
+            problems.append(f"{path}: method_attacks names {method!r}, which is not in methods {axes['methods']}")
+        elif not isinstance(attacks, list) or not attacks or any(a not in axes["attacks"] for a in attacks):
+            problems.append(f"{path}: method_attacks.{method} must be a non-empty list of attacks from {axes['attacks']}, "
+                            f"got {attacks!r}")
     derived = raw.get("derived") or {}
     if not isinstance(derived, dict):
         problems.append(f"{path}: derived must map method -> {{from: method, args: [...]}}")
@@ -292,6 +303,8 @@ def load_grid(path: str | os.PathLike[str]) -> Grid:
         range(max(len(v) for v in [seeds_default, *method_seeds.values()])),
         axes["datasets"] or [None], axes["models"] or [None], axes["attacks"], axes["methods"],
     ):
+        if method in method_attacks and attack not in method_attacks[method]:
+            continue
         method_list = method_seeds.get(method) or seeds_default
         for seed in method_list[position : position + 1]:
             extra = training_overrides(method)

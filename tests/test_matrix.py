@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -49,6 +50,24 @@ cell_overrides:
     command = cell_command(grid, by[("addsent", "musclelora", 1)], tmp_path / "x", resume=True)
     assert "method=musclelora" in command and "data.attack=addsent" in command and "seed=1" in command
     assert command[-1] == "resume=true"
+
+
+def test_method_attacks_limit_a_method_to_some_attacks(tmp_path):
+    grid = load_grid(_grid_file(tmp_path, f"""
+output_root: {tmp_path / 'out'}
+attacks: [badnets, addsent, synbkd]
+methods: [vanilla, lora]
+method_attacks: {{lora: [synbkd, badnets]}}
+"""))
+    assert [(c.attack, c.method) for c in grid.cells] == [
+        ("badnets", "vanilla"), ("badnets", "lora"), ("addsent", "vanilla"), ("synbkd", "vanilla"), ("synbkd", "lora")]
+    for text, needle in (("method_attacks: {ga: [badnets]}", "method_attacks names 'ga', which is not in methods"),
+                         ("method_attacks: {lora: [stylebkd]}", "method_attacks.lora must be a non-empty list of attacks"),
+                         ("method_attacks: {lora: []}", "method_attacks.lora must be a non-empty list of attacks"),
+                         ("method_attacks: [lora]", "method_attacks must map method -> list of attacks")):
+        path = _grid_file(tmp_path, f"attacks: [badnets, addsent]\nmethods: [vanilla, lora]\n{text}\n")
+        with pytest.raises(ConfigError, match=re.escape(needle)):
+            load_grid(path)
 
 
 def test_grid_errors_are_all_reported(tmp_path):
