@@ -64,9 +64,8 @@ The step's peak: autograd frees the task graph during ``backward``, so the refer
 alignment method (a second forward/backward through ``torch.autograd.grad``, of the reference batch's rows
 per device: ``A_r`` is ``A`` at that batch) does not stack its activations on the task's; what it stacks
 them on is the task gradient, kept in ``.grad`` until the aligned gradient replaces it. With
-``A = activations + logits + working set``, ``G``
-the gradients above and ``R = T d_a`` the reference gradients autograd returns (full-size on every
-rank, also under ZeRO)::
+``A = activations + logits + working set``, ``G`` the gradients above and ``R = T d_a`` the reference
+gradients autograd returns (full-size on every rank, also under ZeRO)::
 
     task pass       = max(A, G)       one micro-batch: parameter gradients appear while activations are
                                       freed (A + G when gradients accumulate over micro-batches)
