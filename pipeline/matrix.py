@@ -229,10 +229,12 @@ def load_grid(path: str | os.PathLike[str]) -> Grid:
     method_overrides = raw.get("method_overrides") or {}
     # method_overrides may also name the launch/train.py method behind a listed variant (shared settings).
     underlying = [variants[m].method for m in axes["methods"] if m in variants]
-    for name, mapping, allowed in (("method_seeds", method_seeds, axes["methods"]),
-                                   ("method_overrides", method_overrides, [*axes["methods"], *underlying])):
+    method_attacks = raw.get("method_attacks") or {}
+    for name, mapping, allowed, values in (("method_seeds", method_seeds, axes["methods"], "list"),
+                                           ("method_overrides", method_overrides, [*axes["methods"], *underlying], "list"),
+                                           ("method_attacks", method_attacks, axes["methods"], "list of attacks")):
         if not isinstance(mapping, dict):
-            problems.append(f"{path}: {name} must map method -> list")
+            problems.append(f"{path}: {name} must map method -> {values}")
             continue
         for method in mapping:
             if method not in allowed:
@@ -240,14 +242,11 @@ def load_grid(path: str | os.PathLike[str]) -> Grid:
                 problems.append(f"{path}: {name} names {method!r}, which is not in methods {axes['methods']}{also}")
     if not isinstance(method_overrides, dict):
         method_overrides = {}
-    method_attacks = raw.get("method_attacks") or {}
     if not isinstance(method_attacks, dict):
-        problems.append(f"{path}: method_attacks must map method -> list of attacks")
         method_attacks = {}
     for method, attacks in method_attacks.items():
-        if method not in axes["methods"]:
-            problems.append(f"{path}: method_attacks names {method!r}, which is not in methods {axes['methods']}")
-        elif not isinstance(attacks, list) or not attacks or any(a not in axes["attacks"] for a in attacks):
+        if method in axes["methods"] and (not isinstance(attacks, list) or not attacks
+                                          or any(a not in axes["attacks"] for a in attacks)):
             problems.append(f"{path}: method_attacks.{method} must be a non-empty list of attacks from {axes['attacks']}, "
                             f"got {attacks!r}")
     derived = raw.get("derived") or {}
