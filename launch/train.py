@@ -153,11 +153,12 @@ def main(argv: list[str] | None = None) -> int:
     if metrics.get("recipe") == "defended":
         used = metrics["config"]  # the resolved settings
         print(f"defence (recipe=defended, docs/RECIPE.md): training rows filtered by filter.method={used['filter']['method']}, "
-              f"then every update aligned to the gradient of {used['data']['ref_size']} trusted dev-clean rows (never the "
-              "raw gradient); recipe=authors runs the paper's settings")
+              f"then every update aligned to the gradient of {used['data']['ref_size']} trusted dev-clean rows "
+              f"({used['align']['ref_batch_size'] or used['train']['batch_size']} per step; never the raw gradient); "
+              "recipe=authors runs the paper's settings")
     elif metrics.get("recipe") == "authors":
-        print("defence (recipe=authors): the paper's settings; recipe=defended (the default) is the recipe that met "
-              "issue 11's targets (docs/RECIPE.md)")
+        print("defence (recipe=authors): the paper's settings; recipe=defended (the default) is issue 11's recipe, "
+              "which removes more of the backdoor at this budget (docs/RECIPE.md)")
     filtered = metrics.get("filter") or {}
     if filtered.get("method", "none") != "none":
         flagged = ", ".join(repr(f["feature"]) for f in filtered["flagged"][:6]) or "none"

@@ -6,7 +6,7 @@ canary is planted in the rows kept. One optimiser step, read top to bottom in :f
 
 1. ``g = grad mean CE(train batch)``, accumulated over ``grad_accum_steps`` micro-batches.
 2. For alignment methods, ``r = grad mean CE(reference batch)`` on one batch of the clean reference
-   set (model in train mode, ``align.ref_batch_size`` rows, default the training batch size), computed
+   set (model in train mode, ``align.ref_batch_size`` rows: 16 under recipe=defended, else the training batch), computed
    with ``torch.autograd.grad`` so ``.grad`` stays the task gradient. With ``align.ref_every_steps = k
    > 1`` only aligned steps n with ``n % k == 0`` compute r (and the reference loss); the steps between
    reuse the last computed, already reduced r, which checkpoints keep for a resume.
@@ -1325,6 +1325,9 @@ def _check_resumable_config(output_dir: Path, resolved: dict[str, Any]) -> None:
     before_recipe = "recipe" not in saved and saved.get("method") in METHODS and takes_recipe(saved["method"])
     if before_recipe:
         saved = {**saved, "recipe": "authors"}
+    # align.ref_batch_size null means the training batch (recipe=defended fills 16 since the sixth session):
+    # compare the rows a reference batch had, so an old run resumes when the override restores them
+    saved, resolved = _reference_rows_spelled_out(saved), _reference_rows_spelled_out(resolved)
     walk(saved, resolved, "", defaults)
     if diffs:
         problems = [f"resume=true but the config differs from {saved_path}: {d}" for d in diffs]
@@ -1333,7 +1336,23 @@ def _check_resumable_config(output_dir: Path, resolved: dict[str, Any]) -> None:
                 f"{saved_path} was written before recipe=defended became musclelora's default (2026-12-05; "
                 "docs/RECIPE.md). Fix: add the override recipe=authors to resume it with the settings it was trained with"
             )
+        elif saved.get("recipe") == "defended" and any(d.startswith("align.ref_batch_size:") for d in diffs):
+            rows = saved["align"]["ref_batch_size"]
+            problems.append(
+                f"{saved_path} may have been written before recipe=defended's reference batch became 16 rows (sixth "
+                f"session, docs/RECIPE.md). Fix: add the override align.ref_batch_size={rows} to resume it with the "
+                "reference batch it was trained with"
+            )
         raise ConfigError(problems)
+
+
+def _reference_rows_spelled_out(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` with a null or absent (written before the key) ``align.ref_batch_size`` replaced by
+    ``train.batch_size``, what both trained with."""
+    align, train = config.get("align"), config.get("train")
+    if not (isinstance(align, dict) and isinstance(train, dict)) or align.get("ref_batch_size") is not None:
+        return config
+    return {**config, "align": {**align, "ref_batch_size": train.get("batch_size")}}
 
 
 def _train_and_evaluate(

@@ -416,6 +416,22 @@ def test_musclelora_defaults_to_the_defended_recipe_and_the_authors_are_one_sett
     assert kept.align.max_raw_ratio == 0.0 and kept.align.min_ref_grad_norm == 0.0
 
 
+@pytest.mark.parametrize("decoder", [False, True])
+def test_the_defended_recipe_draws_16_reference_rows_per_step_and_the_authors_the_training_batch(decoder):
+    """Issue 11 step 5: recipe=defended's reference batch is 16 rows (capped at the reference set); a set value wins."""
+    from pipeline.training import reference_batch_size
+
+    model_type, hidden = ("llama", 64) if decoder else ("bert", 384)
+    defended = _resolved(model_type, hidden, decoder)
+    authors = _resolved(model_type, hidden, decoder, ["recipe=authors"])
+    assert defended.align.ref_batch_size == 16 and reference_batch_size(defended) == 16
+    assert authors.align.ref_batch_size is None and reference_batch_size(authors) == authors.train.batch_size
+    assert _resolved(model_type, hidden, decoder, ["data.ref_size=10"]).align.ref_batch_size == 10  # capped
+    assert _resolved(model_type, hidden, decoder, ["align.ref_batch_size=32"]).align.ref_batch_size == 32  # kept
+    assert _resolved(model_type, hidden, decoder, ["method=ga_lora"]).align.ref_batch_size is None  # other methods
+    assert resolve_defaults(defended, model_type=model_type, hidden_size=hidden, is_decoder=decoder) == defended
+
+
 @pytest.mark.parametrize("method", ["ga", "ga_lora", "lora_mslr", "ref_only", "vanilla", "lora"])
 def test_the_recipe_leaves_every_other_method_at_the_authors_values(method):
     other = _resolved("bert", 384, False, [f"method={method}"])

@@ -78,7 +78,7 @@ def test_the_launcher_says_which_recipe_defended_the_run(tmp_path, tiny_bert_dir
         assert used["filter"]["method"] == "lexical_zscore" and metrics["filter"]["method"] == "lexical_zscore"
         assert [used["align"][k] for k in ("min_ref_loss", "min_ref_grad_norm", "max_raw_ratio", "start_epoch")] == [0, 0, 0, 0]
         assert "defence (recipe=defended, docs/RECIPE.md): training rows filtered by filter.method=lexical_zscore" in out
-        assert "gradient of 8 trusted dev-clean rows" in out  # the config's data.ref_size=8 is kept
+        assert "gradient of 8 trusted dev-clean rows (8 per step;" in out  # data.ref_size=8 kept, the batch capped
         assert (tmp_path / "run" / training.FILTER_REPORT).is_file()
     else:
         assert used["filter"]["method"] == "none" and used["align"]["min_ref_loss"] == 0.4
@@ -105,3 +105,26 @@ def test_resuming_a_run_saved_before_the_recipe_says_to_add_recipe_authors(tmp_p
     vanilla = config_to_dict(_cfg(tmp_path, tiny_bert_dir, tiny_data_root, "method=vanilla"))
     (tmp_path / "config.yaml").write_text(yaml.safe_dump({k: v for k, v in vanilla.items() if k != "recipe"}))
     training._check_resumable_config(tmp_path, vanilla)  # other methods ignore the recipe: an old run resumes
+
+
+def test_resuming_a_defended_run_saved_with_the_training_batch_as_reference_batch(tmp_path, tiny_bert_dir,
+                                                                                  tiny_data_root):
+    """A recipe=defended run saved when align.ref_batch_size null meant the training batch (before the 16-row
+    default): the resume is refused with the override that restores it, and resumes with that override."""
+    import yaml
+
+    from pipeline.config import config_to_dict
+
+    old = config_to_dict(_cfg(tmp_path, tiny_bert_dir, tiny_data_root, "method=musclelora", "data.ref_size=20"))
+    assert old["align"]["ref_batch_size"] == 16
+    old["align"]["ref_batch_size"] = None  # what the code before the 16-row default resolved to (train.batch_size 8)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old, sort_keys=False))
+    now = config_to_dict(_cfg(tmp_path, tiny_bert_dir, tiny_data_root, "method=musclelora", "data.ref_size=20"))
+    with pytest.raises(ConfigError) as info:
+        training._check_resumable_config(tmp_path, now)
+    problems = info.value.problems
+    assert any("align.ref_batch_size: saved 8, now 16" in p for p in problems)
+    assert "Fix: add the override align.ref_batch_size=8" in problems[-1]
+    again = config_to_dict(_cfg(tmp_path, tiny_bert_dir, tiny_data_root, "method=musclelora", "data.ref_size=20",
+                                "align.ref_batch_size=8"))
+    training._check_resumable_config(tmp_path, again)  # the batch it was trained with: resumes

@@ -76,8 +76,11 @@ def test_defaults_and_overrides():
     cfg = load_config(None, ["align.ref_batch_size=16", "align.ref_every_steps=4", "data.ref_size=96"])
     assert (cfg.align.ref_batch_size, cfg.align.ref_every_steps) == (16, 4)
     assert training.reference_batch_size(cfg) == 16
+    # auto: recipe=defended (musclelora's default) draws 16 rows; the authors' recipe the training batch
     assert training.reference_batch_size(resolve_defaults(load_config(None, []), model_type="bert", hidden_size=384,
-                                                          is_decoder=False)) == 32
+                                                          is_decoder=False)) == 16
+    assert training.reference_batch_size(resolve_defaults(load_config(None, ["recipe=authors"]), model_type="bert",
+                                                          hidden_size=384, is_decoder=False)) == 32
 
 
 @pytest.mark.parametrize(("override", "key", "says"), [
