@@ -17,11 +17,13 @@ Prints a markdown table (per attack: mean +- sd over seeds of CACC, ASR, clean F
 verdict per target. Reads only results.csv: test numbers, used for the report, never for a choice.
 
 ``--adaptive FOUND OTHER`` judges a rule instead of one method: for every attack and seed, FOUND's cell when the
-training-row filter of that cell removed rows (column ``filter_removed`` > 0: the filter found a trigger), else
-OTHER's cell of the same seed. The rule reads the filter's own finding, nothing about the attack:
+training-row filter removed rows (column ``filter_removed`` > 0: the filter found a trigger), else OTHER's cell of
+the same seed. The finding is read from whichever of the two cells ran the filter (they must agree where both did),
+so FOUND need only run where the filter found something. The rule reads the filter's own finding, nothing about
+the attack:
 
     python benchmarks/recipe_targets.py --results runs/filter_eval/results.csv \
-        --adaptive zfilter_vanilla zfilter_recipe --controls zfilter_recipe zfilter_vanilla
+        --adaptive zfilter_vanilla_lr2e-4 zfilter_recipe_ref600 --baseline vanilla_lr2e-4 --seeds 42 43 44
 """
 
 from __future__ import annotations
@@ -57,7 +59,9 @@ def load(path: Path) -> dict[tuple[str, str], list[dict[str, float]]]:
             try:
                 out[(row["method"], row["attack"])].append({
                     **{m: float(row[m]) for m in METRICS}, "seed": int(row["seed"]),
-                    "filter_removed": None if row.get("filter_removed") is None else float(row["filter_removed"] or 0),
+                    # rows the cell's training-row filter removed; None: no filter ran (empty); absent: old file
+                    **({"filter_removed": float(row["filter_removed"]) if row["filter_removed"] else None}
+                       if "filter_removed" in row else {}),
                     # selection numbers (what a user sees): absent from older results.csv files
                     "dev_clean_acc": float(row["dev_clean_acc"]) if row.get("dev_clean_acc") else None,
                     "canary_held": {"True": True, "False": False}.get(row.get("canary_held") or "")})
@@ -67,25 +71,38 @@ def load(path: Path) -> dict[tuple[str, str], list[dict[str, float]]]:
 
 
 def adaptive(rows: dict[tuple[str, str], list[dict[str, float]]], found: str, other: str) -> tuple[str, dict]:
-    """Add the rule "FOUND where its filter removed rows, else OTHER (same attack and seed)" as a method.
+    """Add the rule "FOUND where the filter removed rows, else OTHER (same attack and seed)" as a method.
 
-    Only seeds where both methods finished count. Returns the rule's name and the rows with it added.
+    The filter's finding for an attack and seed is read from whichever of the two cells ran the filter (both, when
+    both did, must agree: the same filter on the same rows finds the same), so FOUND need only run where the
+    filter found a trigger. An attack and seed counts when the cell the rule takes has finished. Returns the
+    rule's name and the rows with it added.
     """
     name = f"adaptive({found} else {other})"
-    if any(r["filter_removed"] is None for (m, _), group in rows.items() if m == found for r in group):
+    if any("filter_removed" not in r for group in rows.values() for r in group):
         raise SystemExit("error: results.csv has no filter_removed column, so the rule cannot see whether the filter "
                          "found a trigger. Fix: rebuild it with launch/matrix.py --config GRID --report-only")
+    cells = {method: {(attack, r["seed"]): r for (m, attack), group in rows.items() if m == method for r in group}
+             for method in (found, other)}
+    chosen: dict[str, list[dict[str, float]]] = defaultdict(list)
+    for attack, seed in sorted(set(cells[found]) | set(cells[other])):
+        pair = [cells[m].get((attack, seed)) for m in (found, other)]
+        seen = {m: r["filter_removed"] for m, r in zip((found, other), pair) if r is not None and r["filter_removed"] is not None}
+        if not seen:
+            raise SystemExit(f"error: neither {found!r} nor {other!r} ran a training-row filter on {attack} seed {seed} "
+                             "(column filter_removed empty). Fix: give one of them filter.method (e.g. lexical_zscore)")
+        if len({removed > 0 for removed in seen.values()}) > 1:
+            raise SystemExit(f"error: the filters of {found!r} and {other!r} disagree on {attack} seed {seed} "
+                             f"(rows removed: {seen}). Fix: run the same filter settings in both")
+        taken = pair[0] if next(iter(seen.values())) > 0 else pair[1]
+        if taken is not None:
+            chosen[attack].append(taken)
     out = dict(rows)
-    for (method, attack), group in rows.items():
-        if method != found:
-            continue
-        others = {r["seed"]: r for r in rows.get((other, attack), [])}
-        chosen = [r if r["filter_removed"] > 0 else others[r["seed"]] for r in group if r["seed"] in others]
-        if chosen:
-            out[(name, attack)] = chosen
-    if not any(m == name for m, _ in out):
-        raise SystemExit(f"error: no attack and seed has finished cells of both {found!r} and {other!r}. "
-                         "Fix: check the method names (column 'method') or let the grid run longer")
+    out.update({(name, attack): group for attack, group in chosen.items()})
+    if not chosen:
+        raise SystemExit(f"error: no attack and seed has a finished cell for the rule's branch ({found!r} where the "
+                         f"filter found a trigger, {other!r} elsewhere). Fix: check the method names (column 'method') "
+                         "or let the grid run longer")
     return name, out
 
 
@@ -157,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     judged = p.add_mutually_exclusive_group(required=True)
     judged.add_argument("--recipe", help="the method (or variant) judged against the targets")
     judged.add_argument("--adaptive", nargs=2, metavar=("FOUND", "OTHER"),
-                        help="judge the rule: FOUND's cell where its filter removed rows, else OTHER's (same seed)")
+                        help="judge the rule: FOUND's cell where the filter removed rows, else OTHER's (same seed)")
     p.add_argument("--baseline", default="vanilla", help="the undefended method the CACC target compares with")
     p.add_argument("--controls", nargs="*", default=[], help="methods printed beside, not judged")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="count only these seeds (all methods)")

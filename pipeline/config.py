@@ -475,7 +475,8 @@ class TrainConfig(_Validated):
         check=_bounds(gt=0), auto=True,
     )
     lr_full_finetune: float | None = _field(
-        None, "auto (2e-5 encoders, 1e-5 decoders, the authors'): train.lr of vanilla and ga when train.lr is auto",
+        None, "auto (2e-5 encoders, 1e-5 decoders, the authors'; 2e-4 for MiniLM-size BERT, hidden 384, chosen on "
+        "dev-clean: docs/filter_eval_discussion.md): train.lr of vanilla and ga when train.lr is auto",
         check=_bounds(gt=0), auto=True,
     )
     lr_adapters: float | None = _field(
@@ -1296,6 +1297,12 @@ _ENCODER_SCALES: dict[tuple[str, int], tuple[float, ...]] = {
     ("bert", 384): (1.0, 2.0, 4.0, 8.0, 16.0),
 }
 _DECODER_SCALES = (1.0, 2.0, 3.0, 4.0)
+_FULL_FINETUNE_LR: dict[tuple[str, int], float] = {
+    # MiniLM (bert, hidden 384) is not in the paper: full fine-tuning's lr chosen on dev-clean accuracy over
+    # 1e-5..2e-4 (issue 11 step 3, docs/filter_eval_discussion.md): 2e-4, 3.5 points above the authors' 2e-5.
+    ("bert", 384): 2e-4,
+}
+"""Backbones whose full fine-tuning lr (``train.lr_full_finetune`` auto) departs from the family's."""
 
 
 def resolve_defaults(cfg: RunConfig, *, model_type: str, hidden_size: int, is_decoder: bool) -> RunConfig:
@@ -1338,6 +1345,9 @@ def resolve_defaults(cfg: RunConfig, *, model_type: str, hidden_size: int, is_de
         for section, values in layer.items():
             current = getattr(cfg, section)
             updates[section].update({k: v for k, v in values.items() if getattr(current, k) is None})
+    family = "decoder" if is_decoder else _ENCODER_FAMILY.get(model_type)
+    if "lr_full_finetune" in updates["train"] and (family or "", hidden_size) in _FULL_FINETUNE_LR:
+        updates["train"]["lr_full_finetune"] = _FULL_FINETUNE_LR[(family or "", hidden_size)]
     if "ref_batch_size" in updates["align"]:  # only recipe=defended fills it: never more rows than the reference set
         ref_size = updates["data"].get("ref_size", cfg.data.ref_size)
         if ref_size is not None:
@@ -1357,7 +1367,6 @@ def resolve_defaults(cfg: RunConfig, *, model_type: str, hidden_size: int, is_de
     if cfg.data.setting == "auto":
         updates["data"]["setting"] = "clean" if cfg.data.attack == "badnets" else "mix"
 
-    family = "decoder" if is_decoder else _ENCODER_FAMILY.get(model_type)
     problems = []
     if cfg.lora.target_modules is None:
         targets = _LORA_TARGETS.get(model_type)

@@ -440,6 +440,20 @@ def test_the_recipe_leaves_every_other_method_at_the_authors_values(method):
     assert (other.data.ref_size, other.filter.method, other.align.min_ref_grad_norm) == (96, "none", 5e-7)
 
 
+def test_full_finetuning_lr_is_the_one_chosen_for_minilm_and_the_authors_elsewhere():
+    """MiniLM-size BERT (hidden 384): vanilla/ga's auto lr is 2e-4 (chosen on dev-clean, issue 11 step 3); BERT-base,
+    RoBERTa and decoders keep the authors' values; the adapters' lr and set values are untouched."""
+    minilm = _resolved("bert", 384, False, ["method=vanilla", "train.lr_adapters=1e-3"])
+    assert minilm.train.lr_full_finetune == pytest.approx(2e-4) and minilm.train.lr == pytest.approx(2e-4)
+    assert _resolved("bert", 384, False, ["method=ga"]).train.lr == pytest.approx(2e-4)
+    assert _resolved("bert", 384, False, ["method=lora", "train.lr_adapters=1e-3"]).train.lr == pytest.approx(1e-3)
+    assert _resolved("bert", 768, False, ["method=vanilla"]).train.lr == pytest.approx(2e-5)
+    assert _resolved("roberta", 384, False, ["method=vanilla"]).train.lr == pytest.approx(2e-5)
+    assert _resolved("llama", 384, True, ["method=vanilla"]).train.lr == pytest.approx(1e-5)
+    assert _resolved("bert", 384, False, ["method=vanilla", "train.lr_full_finetune=3e-5"]).train.lr == pytest.approx(3e-5)
+    assert _resolved("bert", 384, False, ["method=vanilla", "train.lr=2e-5"]).train.lr == pytest.approx(2e-5)
+
+
 def test_resolve_defaults_keeps_set_values_and_is_idempotent():
     cfg = _resolved("bert", 768, False, ["train.lr=2e-4", "mslr.scales=[1,2]", "data.setting=mix", "lora.r=4"])
     assert cfg.train.lr == pytest.approx(2e-4) and cfg.mslr.scales == [1.0, 2.0]
@@ -528,7 +542,7 @@ def test_demo_and_minilm_configs():
     assert demo.model.name_or_path == "minilm" and demo.output_dir == "runs/demo"
     assert (demo.data.max_length, demo.train.epochs, demo.train.batch_size) == (64, 2, 32)
     assert demo.data.max_train_samples == 3000
-    # train.lr stays auto: the adapter methods take lr_adapters 1e-3, vanilla / ga the authors' 2e-5.
+    # train.lr stays auto: the adapter methods take lr_adapters 1e-3, vanilla / ga MiniLM's 2e-4 (lr_full_finetune auto).
     assert demo.train.lr is None and demo.train.lr_adapters == pytest.approx(1e-3) and demo.mslr.init == "zero"
     assert demo.train.lr_full_finetune is None
     full = load_config(CONFIG_DIR / "sst2_minilm.yaml")

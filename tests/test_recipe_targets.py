@@ -88,6 +88,35 @@ def test_adaptive_rule_takes_the_found_cell_only_where_its_filter_removed_rows(t
         _script().adaptive(_script().load(old), "found", "other")
 
 
+
+def test_adaptive_rule_reads_the_finding_from_whichever_cell_ran_the_filter(tmp_path):
+    """FOUND run only where the filter found a trigger (insertion files); OTHER ran the same filter everywhere."""
+    path = tmp_path / "results.csv"
+
+    def write(rows):
+        path.write_text(HEADER.strip() + ",filter_removed\n" + "".join(
+            f"sst-2,minilm,{a},{m},,{s},{c},{asr},{fpr},{asr - fpr},1,{n}\n" for m, a, s, c, asr, fpr, n in rows))
+        return _script().load(path)
+
+    rows = [("found", "badnets", 42, 85.0, 10.0, 15.0, 336),
+            ("other", "badnets", 42, 80.0, 16.0, 15.0, 336), ("other", "synbkd", 42, 81.0, 25.0, 20.0, 0)]
+    name, combined = _script().adaptive(write(rows), "found", "other")
+    assert [r["cacc"] for r in combined[(name, "badnets")]] == [85.0] and [r["cacc"] for r in combined[(name, "synbkd")]] == [81.0]
+    # OTHER without a filter (empty column): the finding comes from FOUND's cell
+    name, combined = _script().adaptive(write([("found", "badnets", 42, 85.0, 10.0, 15.0, 336),
+                                               ("other", "badnets", 42, 80.0, 90.0, 15.0, "")]), "found", "other")
+    assert [r["cacc"] for r in combined[(name, "badnets")]] == [85.0]
+    # the filter found a trigger but FOUND has not finished: that seed does not count (no fallback to OTHER)
+    with pytest.raises(SystemExit, match="no attack and seed has a finished cell for the rule's branch"):
+        _script().adaptive(write([("other", "badnets", 42, 80.0, 16.0, 15.0, 336)]), "found", "other")
+    with pytest.raises(SystemExit, match=r"disagree on badnets seed 42"):
+        _script().adaptive(write([("found", "badnets", 42, 85.0, 10.0, 15.0, 336),
+                                  ("other", "badnets", 42, 80.0, 16.0, 15.0, 0)]), "found", "other")
+    with pytest.raises(SystemExit, match=r"neither 'found' nor 'other' ran a training-row filter on badnets seed 42"):
+        _script().adaptive(write([("found", "badnets", 42, 85.0, 10.0, 15.0, ""),
+                                  ("other", "badnets", 42, 80.0, 16.0, 15.0, "")]), "found", "other")
+
+
 def test_seeds_restrict_every_method_and_selection_numbers_are_printed(tmp_path, capsys):
     path = tmp_path / "results.csv"
     rows = [  # method, attack, seed, cacc, asr, fpr, dev_clean_acc, canary_held
