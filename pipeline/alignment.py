@@ -14,6 +14,7 @@ A gate then picks the update (REFERENCE.md section 2.3, in this order), with
 mean_ref_norm = mean of ||r_p|| over the tensors whose reference norm is non-zero:
 
     if mean_ref_norm > min_ref_grad_norm and ref_loss > min_ref_loss:  grad_p = a_p            ("align")
+                                          (with raw_share = s > 0:  grad_p = (1 - s) a_p + s g_p)
     elif max_raw_ratio > 0 and epoch >= start_epoch:                   grad_p = (1 - rho) a_p + rho g_p
          rho = max_raw_ratio * (epoch - start_epoch) / (epochs - start_epoch)                ("mix")
     else, fallback = "raw" (default, the authors'):                    grad_p = g_p            ("raw")
@@ -30,6 +31,10 @@ gates:
     align    a_p                           g_p                           0
     mix      (1 - rho) a_p + rho g_p       g_p                           rho g_p
     raw      g_p                           g_p                           (gate is "skip": 0 everywhere)
+
+``raw_share`` (default 0, the authors') mixes a constant share of the task gradient into the "align" gate on
+every step: the lever "mix the raw gradient by a rule the canary shows is safe" (issue 11); its diagnostics
+report ``raw_weight = raw_share``.
 
 The mix gate's rho g_p part stays: mixing in the task gradient is an explicit choice (max_raw_ratio > 0),
 and only the part that would stand in for the missing projection is dropped. A zero update is still
@@ -78,7 +83,7 @@ class AlignResult:
             for the "skip" gate (and zero-reference tensors under ``fallback="skip"``) new zero tensors.
         gate: Which branch was taken: "align" (pure projection), "mix", "raw" (task gradient) or
             "skip" (zero update; only with ``fallback="skip"``).
-        raw_weight: rho, the weight of the task gradient: 0 for "align" and "skip", 1 for "raw".
+        raw_weight: rho, the weight of the task gradient: raw_share (default 0) for "align", 0 for "skip", 1 for "raw".
         mean_cosine: Mean of cos(g_p, r_p) over tensors with both norms > 0 (0.0 when there is none).
         mean_ref_norm: Mean of ||r_p|| over tensors with a non-zero reference norm (0.0 when none).
         num_aligned: Number of tensors replaced by or mixed with their projection (0 for "raw" and
@@ -265,6 +270,7 @@ def apply_alignment(
     start_epoch: int = 0,
     epochs: int = 1,
     fallback: Fallback = "raw",
+    raw_share: float = 0.0,
 ) -> AlignResult:
     """Pick the gate and build the update from (possibly all-reduced) statistics.
 
@@ -286,6 +292,8 @@ def apply_alignment(
         fallback: What replaces "align" and "mix" when neither fires, and what a tensor with
             ||r_p|| = 0 gets inside them: "raw" (default, the authors') the task gradient g_p; "skip"
             a zero update (the mix gate keeps its rho g_p part). See the module docstring.
+        raw_share: Constant share of the task gradient in the "align" gate's update, in [0, 1); 0 (default)
+            is the pure projection a_p.
 
     Returns:
         The update and diagnostics.
@@ -295,6 +303,8 @@ def apply_alignment(
             out of range, or an unknown ``fallback``.
     """
     _check_gate_arguments(max_raw_ratio, epoch, start_epoch, epochs, fallback)
+    if not 0.0 <= raw_share < 1.0:
+        raise ValueError(f"gradient alignment: raw_share must lie in [0, 1), got {raw_share}")
     names = _checked_names(task, reference)
     for field, values in zip(statistics._fields, statistics, strict=True):
         if values.shape != (len(names),):
@@ -312,7 +322,7 @@ def apply_alignment(
 
     gate: Gate
     if mean_ref_norm > min_ref_grad_norm and (ref_loss is None or ref_loss > min_ref_loss):
-        gate, rho = "align", 0.0
+        gate, rho = "align", float(raw_share)
     elif max_raw_ratio > 0 and epoch >= start_epoch:
         gate = "mix"
         rho = raw_weight_schedule(
@@ -331,16 +341,16 @@ def apply_alignment(
             name = names[i]
             g, r = task[name], reference[name]
             coefficient = abs(dots[i]) / ref_sq[i]
-            if gate == "align":
+            if gate == "align" and rho == 0.0:
                 aligned = r.detach() * coefficient
-            else:
+            else:  # the mix gate, or "align" with a raw share: (1 - rho) a_p + rho g_p
                 aligned = torch.add(g.detach() * rho, r.detach(), alpha=(1.0 - rho) * coefficient)
             grads[name] = aligned.to(g.dtype)
         if fallback == "skip":  # no projection to stand in for: drop g_p (the mix gate keeps rho g_p)
             for i in range(len(names)):
                 if ref_sq[i] == 0:
                     g = task[names[i]]
-                    grads[names[i]] = torch.zeros_like(g) if gate == "align" else (g.detach() * rho).to(g.dtype)
+                    grads[names[i]] = torch.zeros_like(g) if rho == 0.0 else (g.detach() * rho).to(g.dtype)
     num_aligned = len(both) if gate in ("align", "mix") else 0
     logger.debug(
         "alignment gate=%s rho=%.4f mean_cos=%.4f mean_ref_norm=%.3e aligned=%d/%d",
@@ -368,6 +378,7 @@ def align_gradients(
     start_epoch: int = 0,
     epochs: int = 1,
     fallback: Fallback = "raw",
+    raw_share: float = 0.0,
 ) -> AlignResult:
     """Align the task gradient to the clean reference gradient (single process).
 
@@ -388,6 +399,8 @@ def align_gradients(
         fallback: What replaces "align" and "mix" when neither fires, and what a tensor with
             ||r_p|| = 0 gets inside them: "raw" (default, the authors') the task gradient g_p; "skip"
             a zero update (the mix gate keeps its rho g_p part). See the module docstring.
+        raw_share: Constant share of the task gradient in the "align" gate's update, in [0, 1); 0 (default)
+            is the pure projection a_p.
 
     Returns:
         The update and diagnostics.
@@ -409,4 +422,5 @@ def align_gradients(
         start_epoch=start_epoch,
         epochs=epochs,
         fallback=fallback,
+        raw_share=raw_share,
     )

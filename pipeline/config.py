@@ -420,6 +420,12 @@ class AlignConfig(_Validated):
         "the mixed branch",
         check=_bounds(ge=0), auto=True,
     )
+    raw_share: float = _field(
+        0.0,
+        "constant share s of the raw task gradient in every aligned update: (1 - s) a_p + s g_p (0: the pure "
+        "projection, the authors'); a lever between alignment and plain training whose safety the canary checks",
+        check=_bounds(ge=0, lt=1, fix="use a share in [0, 1), e.g. align.raw_share=0.05"),
+    )
     fallback: Literal["raw", "skip"] = _field(
         "raw",
         "what a step gets when neither the aligned nor the mixed branch fires, and what a tensor with a zero "

@@ -1016,6 +1016,7 @@ def optimiser_step(
             start_epoch=cfg.align.start_epoch,
             epochs=cfg.train.epochs,
             fallback=cfg.align.fallback,
+            raw_share=cfg.align.raw_share,
         )
         total = math.sqrt(sum(float(g.double().pow(2).sum()) for g in result.grads.values()))
         if not math.isfinite(total):

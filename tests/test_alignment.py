@@ -247,3 +247,27 @@ def test_always_on_alignment_under_adamw_learns_only_from_the_reference_gradient
     for name in SHAPES:
         torch.testing.assert_close(aligned_params[name], reference_params[name], rtol=1e-9, atol=1e-9)
         assert not torch.allclose(aligned_params[name], start[name])  # the weights did move
+
+
+def test_raw_share_mixes_a_constant_share_of_the_task_gradient_into_every_aligned_update() -> None:
+    """align.raw_share = s: (1 - s) a_p + s g_p in the align gate (hand formula); 0 is the pure projection
+    bit for bit; the other gates and a zero-reference tensor under fallback=skip keep their meaning."""
+    task, reference = random_grads(2), random_grads(3)
+    pure = align_gradients(task, reference)
+    assert all(torch.equal(pure.grads[n], align_gradients(task, reference, raw_share=0.0).grads[n]) for n in SHAPES)
+    mixed = align_gradients(task, reference, raw_share=0.25)
+    assert mixed.gate == "align" and mixed.raw_weight == 0.25
+    for name in SHAPES:
+        expected = 0.75 * naive_projection(task[name], reference[name]) + 0.25 * task[name].double()
+        torch.testing.assert_close(mixed.grads[name], expected)
+    # the raw gate (reference loss under its threshold) is still the task gradient itself
+    raw = align_gradients(task, reference, raw_share=0.25, ref_loss=0.1, min_ref_loss=0.4)
+    assert raw.gate == "raw" and all(torch.equal(raw.grads[n], task[n]) for n in SHAPES)
+    # a tensor without reference gradient under fallback=skip gets the share of its task gradient, not all of it
+    reference = {**reference, "scalar": torch.zeros(())}
+    skip = align_gradients(task, reference, raw_share=0.25, fallback="skip")
+    torch.testing.assert_close(skip.grads["scalar"], 0.25 * task["scalar"])
+    assert torch.equal(align_gradients(task, reference, fallback="skip").grads["scalar"], torch.zeros(()))
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match=r"raw_share must lie in \[0, 1\), got"):
+            align_gradients(task, reference, raw_share=bad)

@@ -454,6 +454,14 @@ def test_full_finetuning_lr_is_the_one_chosen_for_minilm_and_the_authors_elsewhe
     assert _resolved("bert", 384, False, ["method=vanilla", "train.lr=2e-5"]).train.lr == pytest.approx(2e-5)
 
 
+def test_align_raw_share_defaults_to_the_pure_projection_and_is_bounded():
+    assert load_config(None, []).align.raw_share == 0.0
+    assert load_config(None, ["align.raw_share=0.05"]).align.raw_share == pytest.approx(0.05)
+    for bad in ("1", "-0.1"):
+        with pytest.raises(ConfigError, match=rf"align.raw_share.*got {bad}.*Fix: use a share in \[0, 1\)"):
+            load_config(None, [f"align.raw_share={bad}"])
+
+
 def test_resolve_defaults_keeps_set_values_and_is_idempotent():
     cfg = _resolved("bert", 768, False, ["train.lr=2e-4", "mslr.scales=[1,2]", "data.setting=mix", "lora.r=4"])
     assert cfg.train.lr == pytest.approx(2e-4) and cfg.mslr.scales == [1.0, 2.0]

@@ -341,3 +341,16 @@ def test_a_run_saved_before_these_settings_resumes_unchanged(tmp_path, tiny_bert
     a, b = _adapter(tmp_path / "straight"), _adapter(run)
     assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
     assert (_progress(run)["aligned_steps"], _progress(run)["ref_draws"]) == (4, 4)
+
+
+def test_raw_share_reaches_every_aligned_step_and_moves_the_weights(tmp_path, tiny_bert_dir, tiny_data_root):
+    """align.raw_share is wired into the loop: every step logs the align gate with raw_weight = the share, and the
+    adapters differ from the pure projection's run (same seed, same batches)."""
+    settings = ("train.max_steps=3", "train.checkpoint_every_steps=0")
+    run_training(_cfg(tmp_path / "pure", tiny_bert_dir, tiny_data_root, *settings))
+    run_training(_cfg(tmp_path / "mixed", tiny_bert_dir, tiny_data_root, *settings, "align.raw_share=0.3"))
+    steps = _steps(tmp_path / "mixed")
+    assert len(steps) == 3 and all(s["gate"] == "align" and s["raw_weight"] == pytest.approx(0.3) for s in steps)
+    assert all(s["raw_weight"] == 0.0 for s in _steps(tmp_path / "pure"))
+    a, b = _adapter(tmp_path / "pure"), _adapter(tmp_path / "mixed")
+    assert a.keys() == b.keys() and any(not torch.equal(a[n], b[n]) for n in a)
