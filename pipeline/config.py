@@ -444,7 +444,7 @@ class AlignConfig(_Validated):
         "rows per reference batch; at most data.ref_size. null (auto): 16 under musclelora's recipe=defended "
         "(capped at data.ref_size; issue 11 step 5, docs/RECIPE.md), train.batch_size otherwise (the authors'). "
         "A smaller batch makes the reference pass cheaper (16 rows: 1.40x a LoRA step against 1.9x at 32)",
-        check=_bounds(gt=0, fix="use a positive number of rows, at most data.ref_size, or null for train.batch_size"),
+        check=_bounds(gt=0, fix="use a positive number of rows, at most data.ref_size, or null for the auto value"),
     )
     ref_every_steps: int = _field(
         1,
@@ -793,7 +793,7 @@ def _ref_batch_problem(ref_batch_size: int | None, ref_size: int | None) -> _Pro
         "align.ref_batch_size",
         f"must be at most data.ref_size ({ref_size}), the rows a reference batch is drawn from",
         f"lower align.ref_batch_size to at most {ref_size}, raise data.ref_size, or set align.ref_batch_size=null "
-        "(train.batch_size)",
+        "(auto: 16 capped at data.ref_size under recipe=defended, else train.batch_size)",
         ref_batch_size,
     )
 
