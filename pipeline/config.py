@@ -1317,6 +1317,10 @@ def resolve_defaults(cfg: RunConfig, *, model_type: str, hidden_size: int, is_de
     The family's values are the authors' (REFERENCE.md); for ``method=musclelora`` with ``recipe=defended``
     :data:`DEFENDED_RECIPE` replaces them for the reference size, the alignment gates and ``filter.method``.
 
+    ``train.lr_full_finetune`` left auto is the family's, except for the backbones in :data:`_FULL_FINETUNE_LR`
+    (MiniLM-size BERT: 2e-4, chosen on dev-clean). ``align.ref_batch_size`` left auto is 16 (capped at the
+    reference set) under ``recipe=defended`` and stays null (the training batch) otherwise.
+
     ``train.lr`` left auto becomes ``train.lr_full_finetune`` for the full fine-tuning methods (vanilla,
     ga) and ``train.lr_adapters`` for every other method. Also resolves ``data.setting="auto"``
     (badnets -> clean, other attacks -> mix), ``canary.seed`` (the run's seed) and ``canary.target_label``
