@@ -24,6 +24,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 for _path in (REPO, REPO / "kernels"):  # run from a checkout without installing (kernels/ holds mslr_kernels)
@@ -161,12 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     elif metrics.get("recipe") == "authors":
         print("defence (recipe=authors): the paper's settings; recipe=defended (the default) is issue 11's recipe, "
               "which removes more of the backdoor at this budget (docs/RECIPE.md)")
-    filtered = metrics.get("filter") or {}
-    if filtered.get("method", "none") != "none":
-        flagged = ", ".join(repr(f["feature"]) for f in filtered["flagged"][:6]) or "none"
-        more = f" and {len(filtered['flagged']) - 6} more" if len(filtered["flagged"]) > 6 else ""
-        print(f"filter {filtered['method']}: removed {filtered['rows_removed']} of {filtered['rows_before']} training rows "
-              f"(threshold z {filtered['threshold']:.2f}; flagged n-grams: {flagged}{more}; see filter-report.json)")
+    for line in filter_lines(metrics):
+        print(line)
     canary = metrics.get("canary", {})
     if canary.get("enabled"):
         screen = canary.get("screen") or {}
@@ -180,6 +177,29 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print("canary: off (canary.enabled=false); the run cannot say whether the defence held")
     return 0
+
+
+def filter_lines(metrics: dict[str, Any]) -> list[str]:
+    """What the training-row filter did, for the end-of-run printout (empty without a filter).
+
+    When a musclelora run's filter removed rows (it found an inserted trigger), one more line names the measured
+    alternative: the kept rows trained undefended (docs/RECIPE.md, "The adaptive two-run workflow").
+    """
+    filtered = metrics.get("filter") or {}
+    if filtered.get("method", "none") == "none":
+        return []
+    flagged = ", ".join(repr(f["feature"]) for f in filtered["flagged"][:6]) or "none"
+    more = f" and {len(filtered['flagged']) - 6} more" if len(filtered["flagged"]) > 6 else ""
+    lines = [f"filter {filtered['method']}: removed {filtered['rows_removed']} of {filtered['rows_before']} training rows "
+             f"(threshold z {filtered['threshold']:.2f}; flagged n-grams: {flagged}{more}; see filter-report.json)"]
+    if filtered["rows_removed"] and metrics.get("method") == "musclelora":
+        lines.append(
+            "  the filter found an inserted trigger: the kept rows trained undefended (add method=vanilla "
+            f"filter.method={filtered['method']} canary.select=false and a new output_dir) reached vanilla's clean accuracy "
+            "with the trigger's rows gone on SST-2, but nothing then resists a trigger the filter missed (its canary "
+            "fails): docs/RECIPE.md, \"The adaptive two-run workflow\""
+        )
+    return lines
 
 
 if __name__ == "__main__":

@@ -128,3 +128,17 @@ def test_resuming_a_defended_run_saved_with_the_training_batch_as_reference_batc
     again = config_to_dict(_cfg(tmp_path, tiny_bert_dir, tiny_data_root, "method=musclelora", "data.ref_size=20",
                                 "align.ref_batch_size=8"))
     training._check_resumable_config(tmp_path, again)  # the batch it was trained with: resumes
+
+
+def test_the_printout_names_the_two_run_workflow_only_when_a_musclelora_filter_found_a_trigger():
+    from launch.train import filter_lines
+
+    report = {"method": "lexical_zscore", "rows_removed": 336, "rows_before": 3000, "threshold": 11.44,
+              "flagged": [{"feature": w} for w in ("cf", "bb", "mn", "tq", "a b", "c d", "e f")]}
+    lines = filter_lines({"method": "musclelora", "filter": report})
+    assert lines[0] == ("filter lexical_zscore: removed 336 of 3000 training rows (threshold z 11.44; flagged n-grams: "
+                        "'cf', 'bb', 'mn', 'tq', 'a b', 'c d' and 1 more; see filter-report.json)")
+    assert len(lines) == 2 and "method=vanilla filter.method=lexical_zscore canary.select=false" in lines[1]
+    assert len(filter_lines({"method": "vanilla", "filter": report})) == 1  # already the undefended run
+    assert len(filter_lines({"method": "musclelora", "filter": {**report, "rows_removed": 0}})) == 1  # found nothing
+    assert filter_lines({"method": "musclelora", "filter": {"method": "none"}}) == [] == filter_lines({"method": "lora"})
