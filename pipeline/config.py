@@ -442,7 +442,8 @@ class AlignConfig(_Validated):
     ref_batch_size: int | None = _field(
         None,
         "rows per reference batch; at most data.ref_size. null (auto): 16 under musclelora's recipe=defended "
-        "(capped at data.ref_size; issue 11 step 5, docs/RECIPE.md), train.batch_size otherwise (the authors'). "
+        "(capped at data.ref_size and train.batch_size; issue 11 step 5, docs/RECIPE.md), train.batch_size "
+        "otherwise (the authors'). "
         "A smaller batch makes the reference pass cheaper (16 rows: 1.40x a LoRA step against 1.9x at 32)",
         check=_bounds(gt=0, fix="use a positive number of rows, at most data.ref_size, or null for the auto value"),
     )
@@ -793,7 +794,7 @@ def _ref_batch_problem(ref_batch_size: int | None, ref_size: int | None) -> _Pro
         "align.ref_batch_size",
         f"must be at most data.ref_size ({ref_size}), the rows a reference batch is drawn from",
         f"lower align.ref_batch_size to at most {ref_size}, raise data.ref_size, or set align.ref_batch_size=null "
-        "(auto: 16 capped at data.ref_size under recipe=defended, else train.batch_size)",
+        "(auto: 16 capped at data.ref_size and train.batch_size under recipe=defended, else train.batch_size)",
         ref_batch_size,
     )
 
@@ -1280,7 +1281,7 @@ DEFENDED_RECIPE: dict[str, dict[str, Any]] = {
 docs/filter_eval (chosen on dev-clean accuracy and the canary; docs/RECIPE.md), with the 16-row reference
 batch of ``zfilter_recipe_ref600_batch16`` (issue 11 step 5: 1.40x a LoRA step instead of 1.9x, chosen by a
 rule written before its results). It replaces the authors' values of these auto keys; keys the config sets
-are kept. ``align.ref_batch_size`` is capped at the resolved ``data.ref_size``."""
+are kept. ``align.ref_batch_size`` is capped at the resolved ``data.ref_size`` and ``train.batch_size``."""
 
 _ENCODER_FAMILY = {"bert": "bert", "roberta": "roberta", "xlm-roberta": "roberta"}
 _LORA_TARGETS: dict[str, tuple[str, ...]] = {
@@ -1319,7 +1320,7 @@ def resolve_defaults(cfg: RunConfig, *, model_type: str, hidden_size: int, is_de
 
     ``train.lr_full_finetune`` left auto is the family's, except for the backbones in :data:`_FULL_FINETUNE_LR`
     (MiniLM-size BERT: 2e-4, chosen on dev-clean). ``align.ref_batch_size`` left auto is 16 (capped at the
-    reference set) under ``recipe=defended`` and stays null (the training batch) otherwise.
+    reference set and the training batch) under ``recipe=defended`` and stays null (the training batch) otherwise.
 
     ``train.lr`` left auto becomes ``train.lr_full_finetune`` for the full fine-tuning methods (vanilla,
     ga) and ``train.lr_adapters`` for every other method. Also resolves ``data.setting="auto"``
@@ -1358,10 +1359,11 @@ def resolve_defaults(cfg: RunConfig, *, model_type: str, hidden_size: int, is_de
     family = "decoder" if is_decoder else _ENCODER_FAMILY.get(model_type)
     if "lr_full_finetune" in updates["train"] and (family or "", hidden_size) in _FULL_FINETUNE_LR:
         updates["train"]["lr_full_finetune"] = _FULL_FINETUNE_LR[(family or "", hidden_size)]
-    if "ref_batch_size" in updates["align"]:  # only recipe=defended fills it: never more rows than the reference set
-        ref_size = updates["data"].get("ref_size", cfg.data.ref_size)
-        if ref_size is not None:
-            updates["align"]["ref_batch_size"] = min(updates["align"]["ref_batch_size"], ref_size)
+    if "ref_batch_size" in updates["align"]:
+        # only recipe=defended fills it, to make the reference pass cheaper: never more rows than the training
+        # batch (which the authors' null would draw) or the reference set holds
+        caps = [updates["data"].get("ref_size", cfg.data.ref_size), updates["train"].get("batch_size", cfg.train.batch_size)]
+        updates["align"]["ref_batch_size"] = min([updates["align"]["ref_batch_size"], *(c for c in caps if c is not None)])
     if cfg.train.lr is None:
         # Each method family its own learning rate: full fine-tuning moves every backbone weight and
         # wants the authors' small lr; adapters start from zero (or random) and may need a larger one.

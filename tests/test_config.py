@@ -427,6 +427,7 @@ def test_the_defended_recipe_draws_16_reference_rows_per_step_and_the_authors_th
     assert defended.align.ref_batch_size == 16 and reference_batch_size(defended) == 16
     assert authors.align.ref_batch_size is None and reference_batch_size(authors) == authors.train.batch_size
     assert _resolved(model_type, hidden, decoder, ["data.ref_size=10"]).align.ref_batch_size == 10  # capped
+    assert _resolved(model_type, hidden, decoder, ["train.batch_size=4"]).align.ref_batch_size == 4  # never above the batch
     assert _resolved(model_type, hidden, decoder, ["align.ref_batch_size=32"]).align.ref_batch_size == 32  # kept
     assert _resolved(model_type, hidden, decoder, ["method=ga_lora"]).align.ref_batch_size is None  # other methods
     assert resolve_defaults(defended, model_type=model_type, hidden_size=hidden, is_decoder=decoder) == defended

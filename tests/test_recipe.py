@@ -115,18 +115,18 @@ def test_resuming_a_defended_run_saved_with_the_training_batch_as_reference_batc
 
     from pipeline.config import config_to_dict
 
-    old = config_to_dict(_cfg(tmp_path, tiny_bert_dir, tiny_data_root, "method=musclelora", "data.ref_size=20"))
+    settings = ("method=musclelora", "data.ref_size=40", "train.batch_size=32")
+    old = config_to_dict(_cfg(tmp_path, tiny_bert_dir, tiny_data_root, *settings))
     assert old["align"]["ref_batch_size"] == 16
-    old["align"]["ref_batch_size"] = None  # what the code before the 16-row default resolved to (train.batch_size 8)
+    old["align"]["ref_batch_size"] = None  # what the code before the 16-row default resolved to (train.batch_size 32)
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(old, sort_keys=False))
-    now = config_to_dict(_cfg(tmp_path, tiny_bert_dir, tiny_data_root, "method=musclelora", "data.ref_size=20"))
+    now = config_to_dict(_cfg(tmp_path, tiny_bert_dir, tiny_data_root, *settings))
     with pytest.raises(ConfigError) as info:
         training._check_resumable_config(tmp_path, now)
     problems = info.value.problems
-    assert any("align.ref_batch_size: saved 8, now 16" in p for p in problems)
-    assert "Fix: add the override align.ref_batch_size=8" in problems[-1]
-    again = config_to_dict(_cfg(tmp_path, tiny_bert_dir, tiny_data_root, "method=musclelora", "data.ref_size=20",
-                                "align.ref_batch_size=8"))
+    assert any("align.ref_batch_size: saved 32, now 16" in p for p in problems)
+    assert "Fix: add the override align.ref_batch_size=32" in problems[-1]
+    again = config_to_dict(_cfg(tmp_path, tiny_bert_dir, tiny_data_root, *settings, "align.ref_batch_size=32"))
     training._check_resumable_config(tmp_path, again)  # the batch it was trained with: resumes
 
 
