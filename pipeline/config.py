@@ -679,8 +679,8 @@ class RunConfig(_Validated):
         "defended",
         "what method=musclelora fills its auto keys with (other methods always take the authors' values). "
         "defended: the recipe chosen in issue 11 (docs/RECIPE.md): filter.method=lexical_zscore, data.ref_size=600 "
-        "trusted rows, alignment on every step and never the raw gradient (align.min_ref_loss=0, "
-        "align.min_ref_grad_norm=0, align.max_raw_ratio=0, align.start_epoch=0); authors: the paper's (REFERENCE.md): "
+        "trusted rows drawn 16 per step (align.ref_batch_size), alignment on every step and never the raw gradient "
+        "(align.min_ref_loss=0, align.min_ref_grad_norm=0, align.max_raw_ratio=0, align.start_epoch=0); authors: the paper's (REFERENCE.md): "
         "no filter, 96 (encoders) / 128 (decoders) reference rows, the raw-gradient gates (encoders: min_ref_loss 0.4, "
         "max_raw_ratio 0.1 from epoch 1; min_ref_grad_norm 5e-7)",
     )
