@@ -32,9 +32,9 @@ def check(config: Path, attack: str, seed: int, overrides: list[str]) -> dict:
     from pipeline.config import ConfigError, load_config, resolve_defaults
 
     cfg = load_config(config, [f"data.attack={attack}", f"seed={seed}", *overrides])
-    if cfg.filter.method == "none" or (cfg.filter.method is None and cfg.method != "musclelora"):
-        raise ConfigError([f"{config}: no training-row filter to check (filter.method). Fix: add filter.method=lexical_zscore"])
     cfg = resolve_defaults(cfg, model_type="bert", hidden_size=384, is_decoder=False)  # only data / filter keys are read
+    if cfg.filter.method == "none":
+        raise ConfigError([f"{config}: no training-row filter to check (filter.method). Fix: add filter.method=lexical_zscore"])
     if not cfg.canary.enabled:
         raise ConfigError([f"{config}: canary.enabled is false, nothing to plant. Fix: drop canary.enabled=false"])
     _, rows = training._training_data(cfg)

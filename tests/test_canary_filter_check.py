@@ -37,3 +37,6 @@ def test_a_config_without_a_filter_is_refused(tiny_data_root, capsys):
     code = _script().main(["--config", str(REPO / "launch" / "configs" / "demo.yaml"), "--attacks", "badnets",
                            "--overrides", *_overrides(tiny_data_root, "method=vanilla", "filter.method=none")])
     assert code == 2 and "no training-row filter to check" in capsys.readouterr().err
+    # musclelora with the authors' recipe resolves filter.method to none as well
+    with pytest.raises(Exception, match="no training-row filter to check"):
+        _script().check(None, "badnets", 42, [f"data.root={tiny_data_root}", "data.dataset=toy", "recipe=authors"])
