@@ -637,7 +637,7 @@ class CanaryConfig(_Validated):
 
 @dataclass(frozen=True)
 class FilterConfig(_Validated):
-    """Training-row filter run before training, before the canary is planted (pipeline/defenses/lexical.py)."""
+    """Training-row filters: ``method`` before the canary is planted (pipeline/defenses/lexical.py), ``teacher`` after."""
 
     _prefix: ClassVar[str] = "filter."
 
@@ -658,6 +658,18 @@ class FilterConfig(_Validated):
     margin: float = _field(1.5, "safety factor of the auto threshold over the trusted rows' largest z", check=_bounds(gt=0))
     max_n: int = _field(2, "longest word n-gram scored", check=_bounds(ge=1, le=4))
     min_count: int = _field(5, "score only n-grams present in at least this many rows", check=_bounds(ge=1))
+    teacher: str | None = _field(
+        None,
+        "null: off; a finished run folder (the output_dir of a launch/train.py run, e.g. a recipe=defended run on the same "
+        "data): after the canary is planted, its selected model predicts every training row, and rows whose label it "
+        "contradicts are relabelled or dropped (filter.teacher_action); counts and rows go to filter-report.json "
+        "(pipeline/defenses/teacher.py, docs/RECIPE.md)",
+        check=_non_empty_str,
+    )
+    teacher_action: Literal["relabel", "drop"] = _field(
+        "relabel", "what filter.teacher does with a row whose label its model contradicts: relabel (take the "
+        "teacher's label) or drop (remove the row)",
+    )
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,19 @@ map (``launch/fourier.py``) under ``plots/frequency/`` and a section in REPORT.m
 A derived cell waits (is skipped, and picked up by the next run) until its source cell of the same
 dataset, model, attack and seed has finished.
 
+A training cell may read another method's cell of the same dataset, model, attack and seed: ``${cell:NAME}``
+in any of its overrides is replaced by that cell's folder when the command is built, e.g. a student trained on
+the labels a defended run checked::
+
+    variants:
+      student: {method: vanilla, overrides: ['filter.teacher=${cell:teacher}']}
+
+``NAME`` must be a training (not derived) method of the grid with a cell at every dataset, model, attack and
+seed of the reading method, and must not itself read a cell. Reading cells start after every other cell of
+the same run has been started and wait for the cells they read; a cell whose read cell did not finish waits for
+the next run of the grid. The read cell's settings are part of the reader's recorded settings, so rerunning
+the read cell makes the reader ``changed``.
+
 A variant (``variants: {name: {method: M, overrides: [...]}}``) is a named configuration of the training
 method ``M``, so that several settings of one method (the authors' MuScleLoRA recipe beside a candidate)
 are compared side by side in one grid. Its name is used wherever a method name is: in ``methods``,
@@ -109,6 +122,8 @@ _GRID_KEYS = {
     "overrides", "method_overrides", "cell_overrides", "title", "notes", "derived", "run_first", "run_last", "publish_dir",
     "discussion", "variants",
 }
+CELL_REFERENCE = re.compile(r"\$\{cell:([^}]*)\}")
+"""``${cell:NAME}`` in a cell's override: the folder of method NAME's cell of the same dataset, model, attack, seed."""
 DEFENSES = ("strip", "onion", "rap")
 FILTERS = ("bki", "cube")
 CSV_FIELDS = (
@@ -136,6 +151,8 @@ class Cell:
     source: str | None = None
     derived_args: tuple[str, ...] = ()
     train_method: str | None = None
+    reads: tuple[str, ...] = ()
+    """Methods whose cell of the same dataset, model, attack and seed this cell's overrides name (``${cell:NAME}``)."""
 
     @property
     def trained_method(self) -> str:
@@ -319,9 +336,13 @@ def load_grid(path: str | os.PathLike[str]) -> Grid:
                                   derived_args=tuple(str(a) for a in spec.get("args") or []),
                                   train_method=variants[source].method if source in variants else None))
             else:
+                reads = tuple(dict.fromkeys(m for o in extra for m in CELL_REFERENCE.findall(o)))
                 cells.append(Cell(*axes_of_cell, tuple(extra),
-                                  train_method=variants[method].method if method in variants else None))
+                                  train_method=variants[method].method if method in variants else None, reads=reads))
             positions.append(position)
+    problems += _reference_problems(path, cells, set(derived))
+    if problems:
+        raise ConfigError(problems)
     rank = {method: i for i, method in enumerate(run_first)}
     last = set(run_last)
     order = sorted(range(len(cells)), key=lambda i: (cells[i].method in last, positions[i], rank.get(cells[i].method, len(rank)), i))
@@ -408,6 +429,47 @@ def _variant_config_problems(path: Path, base: Path, variant: Variant, shared: S
             for problem in after if problem not in before]
 
 
+def _reference_problems(path: Path, cells: Sequence[Cell], derived: set[str]) -> list[str]:
+    """Why the grid's ``${cell:NAME}`` references cannot be resolved (empty when every one can)."""
+    problems: list[str] = []
+    by_key = {(c.dataset, c.model, c.attack, c.method, c.seed): c for c in cells}
+    reported: set[tuple[str, str]] = set()
+    for cell in cells:
+        for name in cell.reads:
+            if (cell.method, name) in reported:
+                continue
+            target = by_key.get((cell.dataset, cell.model, cell.attack, name, cell.seed))
+            why = None
+            if name == cell.method:
+                why = "a cell cannot read itself"
+            elif name in derived:
+                why = f"{name!r} is a derived method; name a training method"
+            elif target is None:
+                why = (f"{name!r} has no cell at {cell.dataset}/{cell.model}/{cell.attack}/seed{cell.seed}; list it in "
+                       "methods with the same attacks and seeds (method_attacks, method_seeds)")
+            elif target.reads:
+                why = f"{name!r} itself reads {list(target.reads)}; a read cell may not read another"
+            if why:
+                reported.add((cell.method, name))
+                problems.append(f"{path}: method {cell.method!r} reads ${{cell:{name}}}: {why}")
+    return problems
+
+
+def read_cell(cell: Cell, name: str) -> Cell:
+    """The cell of method ``name`` that ``cell`` reads (same dataset, model, attack, seed; its overrides not filled)."""
+    return Cell(cell.dataset, cell.model, cell.attack, name, cell.seed, ())
+
+
+def _grid_cell(grid: Grid, cell: Cell) -> Cell:
+    """The grid's own cell with ``cell``'s key (with its overrides)."""
+    return next(c for c in grid.cells if c.key == cell.key)
+
+
+def expand_references(grid: Grid, cell: Cell, overrides: Sequence[str]) -> list[str]:
+    """``overrides`` with every ``${cell:NAME}`` replaced by the folder of the cell it names."""
+    return [CELL_REFERENCE.sub(lambda m: str(cell_dir(grid, read_cell(cell, m.group(1)))), o) for o in overrides]
+
+
 def cell_dir(grid: Grid, cell: Cell) -> Path:
     """Output directory of one cell."""
     return grid.output_root / "cells" / cell.key
@@ -447,6 +509,9 @@ def cell_settings(grid: Grid, cell: Cell) -> dict[str, Any]:
         settings["variant_of"] = cell.train_method
     if cell.source is not None:  # a derived cell is stale when the run it was computed from changes
         settings["source_settings"] = cell_settings(grid, source_cell(cell))
+    if cell.reads:  # so is a cell that reads another one
+        settings["read_settings"] = {name: cell_settings(grid, _grid_cell(grid, read_cell(cell, name)))
+                                     for name in cell.reads}
     return settings
 
 
@@ -523,7 +588,7 @@ def cell_command(grid: Grid, cell: Cell, run_dir: Path, *, resume: bool, python:
         axes.append(f"data.dataset={cell.dataset}")
     if cell.model != "default":
         axes.append(f"model.name_or_path={cell.model}")
-    return args + axes + list(cell.overrides) + (["resume=true"] if resume else [])
+    return args + axes + expand_references(grid, cell, cell.overrides) + (["resume=true"] if resume else [])
 
 
 def source_cell(cell: Cell) -> Cell:
@@ -630,12 +695,31 @@ def run_grid(
             counts["skipped"] += 1
         elif max_cells is None or len(todo) < max_cells:
             todo.append((index, cell, state))
+    # Cells that read another cell go after all the others (the pool starts cells in this order, so every
+    # cell a reader waits for has been started before it); each cell sets its event when it is done.
+    todo.sort(key=lambda item: bool(item[1].reads))
+    done = {item[1].key: threading.Event() for item in todo}
 
     def run_one(index: int, cell: Cell, state: str) -> None:
+        try:
+            run_cell(index, cell, state)
+        finally:
+            done[cell.key].set()
+
+    def run_cell(index: int, cell: Cell, state: str) -> None:
         run_dir = cell_dir(grid, cell)
         if cell.source is not None:
             run_derived(index, cell, run_dir)
             return
+        for name in cell.reads:
+            needed = read_cell(cell, name)
+            if needed.key in done:
+                done[needed.key].wait()
+            if cell_state(cell_dir(grid, needed)) != "finished":
+                with lock:
+                    counts["waiting"] += 1
+                logger.info("[%d/%d] %s waits for %s (not finished)", index, len(grid.cells), cell.key, needed.key)
+                return
         if state == "stale":
             logger.warning("cell %s: removing an unfinished directory with no checkpoint", cell.key)
             try:

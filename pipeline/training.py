@@ -2,7 +2,8 @@
 
 Before training, ``filter.method = lexical_zscore`` removes training rows holding a word n-gram whose label
 correlation is far above the trusted rows' (pipeline/defenses/lexical.py; report in filter-report.json); the
-canary is planted in the rows kept. One optimiser step, read top to bottom in :func:`train_epoch`:
+canary is planted in the rows kept; then ``filter.teacher`` (a finished run's model) relabels or drops the rows whose
+label it contradicts, canary rows included (pipeline/defenses/teacher.py). One optimiser step, read top to bottom in :func:`train_epoch`:
 
 1. ``g = grad mean CE(train batch)``, accumulated over ``grad_accum_steps`` micro-batches.
 2. For alignment methods, ``r = grad mean CE(reference batch)`` on one batch of the clean reference
@@ -58,6 +59,7 @@ from pipeline.adapters.prefix import apply_prefix_tuning, word_prefix_input
 from pipeline.adapters.state import adapter_tensor_names, load_adapter, save_adapter
 from pipeline.alignment import GATES, align_gradients
 from pipeline.defenses import lexical
+from pipeline.defenses import teacher as teacher_lib
 from pipeline.config import (
     METHODS,
     ConfigError,
@@ -708,6 +710,63 @@ def _filter_rows(cfg: RunConfig, training: data_lib.TrainingData) -> tuple[data_
     return dataclasses.replace(training, train=kept), report
 
 
+def _check_teacher_dir(cfg: RunConfig) -> None:
+    """Refuse a ``filter.teacher`` that is not a finished run, or is this run's own folder, before anything is built."""
+    if cfg.filter.teacher is None:
+        return
+    from pipeline import inference
+
+    if Path(cfg.filter.teacher).resolve() == Path(cfg.output_dir).resolve():
+        raise ConfigError([f"filter.teacher={cfg.filter.teacher!r} is this run's own output_dir; name a finished earlier run"])
+    try:
+        inference.finished_run_files(cfg.filter.teacher)
+    except inference.RunDirError as error:
+        raise ConfigError([f"filter.teacher={cfg.filter.teacher!r}: {error}"]) from error
+
+
+def _teacher_check(
+    cfg: RunConfig, training: data_lib.TrainingData, canary: canary_lib.CanaryData | None, runtime: dist.Runtime,
+    filter_report: dict[str, Any] | None,
+) -> tuple[data_lib.TrainingData, dict[str, Any] | None]:
+    """``filter.teacher``: relabel or drop the (canaried) training rows whose label the teacher contradicts.
+
+    Runs after the canary is planted, so the canary rows go through the check like the file's rows. Every rank
+    computes the same predictions. Returns the checked rows and the filter report with a ``teacher`` block.
+    """
+    if cfg.filter.teacher is None:
+        return training, filter_report
+    texts, labels = list(training.train["text"]), list(training.train["label"])
+    try:
+        predictions, about = teacher_lib.teacher_predictions(
+            cfg.filter.teacher, texts, device=runtime.device, num_labels=cfg.model.num_labels,
+            batch_size=cfg.train.eval_batch_size, trust_remote_code=cfg.model.trust_remote_code,
+        )
+    except ValueError as error:  # RunDirError and ConfigError of the teacher's folder too
+        raise ConfigError([f"filter.teacher={cfg.filter.teacher!r}: {error}"]) from error
+    check = teacher_lib.check_labels(labels, predictions, cfg.filter.teacher_action)
+    kept = teacher_lib.apply_check(training.train, check)
+    if len(set(kept["label"])) < 2:
+        raise ConfigError([
+            f"filter.teacher={cfg.filter.teacher!r} (teacher_action={cfg.filter.teacher_action}) left a single class in "
+            f"the {len(kept)} training rows: the teacher predicts one label for nearly everything; check that run's "
+            "dev-clean accuracy"
+        ])
+    block = teacher_lib.report(check, texts, labels, teacher=about, canary_rows=canary.planted if canary else ())
+    if about["canary_held"] is False:
+        logger.warning("filter.teacher: the teacher %s did not hold its own canary, so it may agree with a trigger's "
+                       "labels; use a defended run (recipe=defended) as the teacher", cfg.filter.teacher)
+    logger.info(
+        "filter teacher (%s): contradicts %d of %d training rows (%s); %s; canary rows contradicted: %d of %d",
+        cfg.filter.teacher, block["rows_contradicted"], block["rows_checked"],
+        ", ".join(f"{t['label']}->{t['teacher']}: {t['rows']}" for t in block["transitions"]) or "none",
+        "relabelled" if check.action == "relabel" else f"dropped, {len(kept)} rows left",
+        block["canary_rows_contradicted"], block["canary_rows"],
+    )
+    report = dict(filter_report) if filter_report is not None else {"method": cfg.filter.method}
+    report["teacher"] = block
+    return dataclasses.replace(training, train=kept), report
+
+
 def filtered_training_rows(cfg: RunConfig) -> datasets.Dataset:
     """The training-file rows a run with ``cfg`` trains on before its canary is planted.
 
@@ -1171,6 +1230,7 @@ def _run(cfg: RunConfig, runtime: dist.Runtime, ds_raw: Mapping[str, Any] | None
     dist.check_shared_directory(runtime, output_dir)
 
     paths, file_training = _training_data(cfg)
+    _check_teacher_dir(cfg)
     file_training, filter_report = _filter_rows(cfg, file_training)
     evaluation = data_lib.load_evaluation_data(
         paths, num_labels=cfg.model.num_labels, max_eval_samples=cfg.data.max_eval_samples, seed=cfg.seed
@@ -1196,6 +1256,7 @@ def _run(cfg: RunConfig, runtime: dist.Runtime, ds_raw: Mapping[str, Any] | None
     cfg, screen = _choose_canary_trigger(cfg, runtime, model, tokenizer, file_training, output_dir, resuming,
                                          is_decoder=info.is_decoder)
     training, canary_data = _plant_canary(cfg, file_training, screen)
+    training, filter_report = _teacher_check(cfg, training, canary_data, runtime, filter_report)
     training = _add_reference_rows(cfg, training)
     loaders = build_loaders(cfg, tokenizer, training, evaluation)
     loaders = dataclasses.replace(loaders, filter_report=filter_report)
@@ -1636,10 +1697,13 @@ def _train_and_evaluate(
 
 
 def _filter_metrics(report: Mapping[str, Any] | None) -> dict[str, Any]:
-    """metrics.json's ``filter`` block: the report without its removed rows (those stay in filter-report.json)."""
+    """metrics.json's ``filter`` block: the report without its row lists (those stay in filter-report.json)."""
     if report is None:
         return {"method": "none"}
-    return {k: v for k, v in report.items() if k != "removed_rows"}
+    block = {k: v for k, v in report.items() if k != "removed_rows"}
+    if "teacher" in block:  # its contradicted rows stay in filter-report.json too
+        block["teacher"] = {k: v for k, v in block["teacher"].items() if k != "contradicted_rows"}
+    return block
 
 
 def _canary_metrics(canary: canary_lib.CanaryData | None, progress: Mapping[str, Any], majority: float,

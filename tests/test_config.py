@@ -74,7 +74,7 @@ def test_defaults_are_valid_and_match_the_schema():
     assert cfg.train.eval_batch_size == 64 and cfg.train.freeze_head is True
     assert {k for k in _all_keys() if _get(cfg, k) is None} == AUTO_KEYS | {
         "data.max_train_samples", "data.max_eval_samples", "train.num_threads", "canary.seed", "align.ref_batch_size",
-        "filter.threshold", "canary.trigger",
+        "filter.threshold", "canary.trigger", "filter.teacher",
     }
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ import pytest
 
 from pipeline.config import ConfigError, load_config
 from pipeline.matrix import (
-    canary_table, cell_command, cell_dir, cell_status, derived_commands, load_grid, run_grid, settings_changes,
+    canary_table, cell_command, cell_dir, cell_settings, cell_status, derived_commands, load_grid, run_grid, settings_changes,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -233,3 +234,69 @@ def test_derived_cells_from_a_variant_use_its_method_and_overrides(tmp_path):
     grid = load_grid(path)
     assert {c.method: cell_status(grid, c) for c in grid.cells if c.attack == "badnets"} == {
         "mus_authors": "finished", "mus_never_raw": "changed", "strip": "changed", "bki": "changed"}
+
+
+
+def _student_grid(tmp_path: Path, student: str = "['filter.teacher=${cell:mus_never_raw}', filter.teacher_action=drop]",
+                  methods: str = "student, mus_never_raw") -> Path:
+    """A grid whose ``student`` variant reads ``${cell:...}`` (a vanilla run checked by another cell's model)."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "grid.yaml"
+    path.write_text(f"""
+output_root: {tmp_path / 'out'}
+attacks: [badnets, addsent]
+methods: [{methods}]
+variants:
+  mus_never_raw: {{method: musclelora, overrides: {NEVER_RAW}}}
+  student: {{method: vanilla, overrides: {student}}}
+seeds: [1]
+overrides: [train.epochs=2]
+""")
+    return path
+
+
+def test_a_cell_reads_its_teacher_cell_of_the_same_attack_and_seed(tmp_path):
+    grid = load_grid(_student_grid(tmp_path))
+    by = {(c.attack, c.method): c for c in grid.cells}
+    student = by[("addsent", "student")]
+    assert student.reads == ("mus_never_raw",)
+    command = cell_command(grid, student, tmp_path / "x", resume=False)
+    assert f"filter.teacher={cell_dir(grid, by[('addsent', 'mus_never_raw')])}" in command
+    assert "filter.teacher_action=drop" in command
+    # the recorded settings hold the reference unexpanded and the read cell's own settings
+    settings = cell_settings(grid, student)
+    assert "filter.teacher=${cell:mus_never_raw}" in settings["overrides"]
+    assert settings["read_settings"]["mus_never_raw"] == cell_settings(grid, by[("addsent", "mus_never_raw")])
+
+
+def test_readers_wait_for_the_cells_they_read_and_run_after_them(tmp_path):
+    grid = load_grid(_student_grid(tmp_path))
+    started = []
+
+    def runner(command, log_file, env):
+        started.append((_axis(command, "data.attack")[0], _axis(command, "method")[0]))
+        teacher = _axis(command, "filter.teacher")
+        if teacher:
+            assert (Path(teacher[0]) / "metrics.json").is_file()  # its teacher finished first
+        return _fake_train(command, log_file, env)
+
+    assert run_grid(grid, runner=runner, jobs=2, validate=False) == {"skipped": 0, "ran": 4, "failed": 0, "waiting": 0}
+    assert [m for _, m in started[:2]] == ["musclelora", "musclelora"]
+    # a teacher that fails leaves its reader waiting (not failed), picked up by the next run of the grid
+    grid2 = load_grid(_student_grid(tmp_path / "second"))
+
+    def failing_teacher(command, log_file, env):
+        return 1 if _axis(command, "method")[0] == "musclelora" else _fake_train(command, log_file, env)
+
+    assert run_grid(grid2, runner=failing_teacher, jobs=1, validate=False) == {"skipped": 0, "ran": 0, "failed": 2, "waiting": 2}
+
+
+@pytest.mark.parametrize(("student", "methods", "needle"), [
+    ("['filter.teacher=${cell:nobody}']", "student, mus_never_raw", "'nobody' has no cell at"),
+    ("['filter.teacher=${cell:student}']", "student, mus_never_raw", "a cell cannot read itself"),
+    ("['filter.teacher=${cell:mus_never_raw}']", "student", "'mus_never_raw' has no cell at"),
+])
+def test_unresolvable_cell_references_are_refused(tmp_path, student, methods, needle):
+    path = _student_grid(tmp_path, student, methods)
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        load_grid(path)

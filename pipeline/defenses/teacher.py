@@ -1,0 +1,155 @@
+"""Teacher-checked labels: a finished run's model checks every training row's label (``filter.teacher``).
+
+Why (issue 11, docs/RECIPE.md): ``recipe=defended`` never takes the raw gradient of the training file, so it
+keeps triggers out but learns only what its trusted rows teach, several points of clean accuracy below plain
+fine-tuning. A dirty-label backdoor (the canary, BadNets-style flipped rows, the label-flipped half of a
+paraphrase attack's poisoned rows) is a set of rows whose label contradicts their content. A model that never
+learned the trigger predicts such a row by its content, so it contradicts the label; on a clean row it mostly
+agrees. With T the teacher's prediction and y the file's label of row i::
+
+    contradicted  = {i : T(x_i) != y_i}
+    relabel       : every row kept, y_i := T(x_i) on the contradicted rows
+    drop          : the contradicted rows removed
+
+A student (e.g. plain fine-tuning) then trains on the checked rows. What it cannot catch: a clean-label poisoned
+row (its label already agrees with its content, e.g. BadNets here, or a paraphrase attack's rows that were
+positive before the trigger) passes the check, and a trigger the teacher itself partly learned passes too.
+``relabel`` also turns a corrected poisoned row into a row that carries the trigger with the other label, which
+works against the backdoor; ``drop`` loses those rows. What it costs: on a clean row the teacher contradicts (its
+own errors) ``relabel`` teaches the teacher's error and ``drop`` loses the row.
+
+The run plants its canary before the check (pipeline/training.py), so the canary goes through the teacher like
+the file's rows and stays a positive control of the whole defence. Nothing here reads ``poison_label``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    import torch
+    from datasets import Dataset
+
+logger = logging.getLogger(__name__)
+
+Action = Literal["relabel", "drop"]
+ACTIONS: tuple[str, ...] = ("relabel", "drop")
+
+
+@dataclass(frozen=True)
+class TeacherCheck:
+    """The outcome of checking ``len(labels)`` rows against a teacher's predictions.
+
+    Attributes:
+        action: ``relabel`` or ``drop``.
+        kept: Indices of the rows trained on, in order (every row with ``relabel``).
+        labels: The label of each kept row (the teacher's where it contradicted the row, with ``relabel``).
+        contradicted: Indices of the rows whose label the teacher contradicts.
+        transitions: ``{(file label, teacher label): rows}`` over the contradicted rows.
+    """
+
+    action: str
+    kept: tuple[int, ...]
+    labels: tuple[int, ...]
+    contradicted: tuple[int, ...]
+    transitions: dict[tuple[int, int], int]
+
+
+def check_labels(labels: Sequence[int], predictions: Sequence[int], action: str) -> TeacherCheck:
+    """Compare each row's label with the teacher's prediction and apply ``action`` (see the module docstring).
+
+    Raises:
+        ValueError: ``action`` is not relabel or drop, or the two sequences differ in length.
+    """
+    if action not in ACTIONS:
+        raise ValueError(f"teacher action {action!r} is not one of {list(ACTIONS)}")
+    if len(labels) != len(predictions):
+        raise ValueError(f"{len(predictions)} teacher predictions for {len(labels)} rows")
+    labels = [int(y) for y in labels]
+    predictions = [int(p) for p in predictions]
+    contradicted = tuple(i for i, (y, p) in enumerate(zip(labels, predictions)) if y != p)
+    transitions = Counter((labels[i], predictions[i]) for i in contradicted)
+    if action == "relabel":
+        kept = tuple(range(len(labels)))
+        new_labels = tuple(predictions[i] if labels[i] != predictions[i] else labels[i] for i in kept)
+    else:
+        kept = tuple(i for i in range(len(labels)) if labels[i] == predictions[i])
+        new_labels = tuple(labels[i] for i in kept)
+    return TeacherCheck(action=action, kept=kept, labels=new_labels, contradicted=contradicted,
+                        transitions=dict(sorted(transitions.items())))
+
+
+def apply_check(dataset: Dataset, check: TeacherCheck) -> Dataset:
+    """The rows of ``dataset`` that ``check`` keeps, with its labels (other columns as they were)."""
+    if check.kept and max(check.kept) >= len(dataset):
+        raise ValueError(f"the check covers {max(check.kept) + 1}+ rows but the dataset has {len(dataset)}")
+    kept = dataset.select(list(check.kept))
+    feature = kept.features["label"]
+    columns = kept.column_names
+    relabelled = kept.remove_columns("label").add_column("label", list(check.labels), feature=feature)
+    return relabelled.select_columns(columns)
+
+
+def teacher_predictions(
+    run_dir: str | Path, texts: Sequence[str], *, device: torch.device | str, num_labels: int, batch_size: int = 64,
+    trust_remote_code: bool = False,
+) -> tuple[list[int], dict[str, Any]]:
+    """The selected model of the finished run ``run_dir`` on ``texts``, and what the report says about it.
+
+    Raises:
+        pipeline.inference.RunDirError: ``run_dir`` is not a finished run, or its model does not rebuild.
+        ValueError: the teacher classifies into another number of labels than ``num_labels``.
+    """
+    import json
+
+    from torch.utils.data import DataLoader
+
+    from datasets import Dataset
+
+    from pipeline import data as data_lib
+    from pipeline import inference
+    from pipeline.evaluate import predict
+
+    files = inference.finished_run_files(run_dir)
+    cfg, tokenizer, model = inference.load_run(run_dir, device, trust_remote_code=trust_remote_code)
+    if cfg.model.num_labels != num_labels:
+        raise ValueError(f"the teacher {run_dir} classifies into {cfg.model.num_labels} labels, this run into {num_labels}")
+    rows = Dataset.from_dict({"text": list(texts), "label": [0] * len(texts)})
+    encoded = data_lib.encode(rows, tokenizer, max_length=cfg.data.max_length)
+    loader = DataLoader(encoded, batch_size=batch_size, shuffle=False, collate_fn=data_lib.make_collator(tokenizer))
+    predictions, _ = predict(model, loader, device=device, desc="teacher")
+    metrics = json.loads(files.metrics.read_text(encoding="utf-8"))
+    canary = metrics.get("canary") or {}
+    about = {
+        "run_dir": str(files.run_dir), "method": cfg.method, "recipe": cfg.recipe, "model": cfg.model.name_or_path,
+        "best_epoch": metrics.get("best_epoch"), "dev_clean_acc": metrics.get("dev_clean_acc"),
+        "canary_held": canary.get("held") if canary.get("enabled") else None,
+    }
+    del model
+    return predictions.tolist(), about
+
+
+def report(check: TeacherCheck, texts: Sequence[str], labels: Sequence[int], *, teacher: dict[str, Any],
+           canary_rows: Sequence[int] = ()) -> dict[str, Any]:
+    """The ``teacher`` block of filter-report.json: the teacher, the counts, the contradicted rows.
+
+    ``canary_rows``: the indices of the planted canary rows among ``texts`` (reported apart: the canary is known).
+    """
+    canary = set(canary_rows)
+    return {
+        "teacher": teacher,
+        "action": check.action,
+        "rows_checked": len(labels),
+        "rows_contradicted": len(check.contradicted),
+        "rows_kept": len(check.kept),
+        "transitions": [{"label": a, "teacher": b, "rows": n} for (a, b), n in check.transitions.items()],
+        "canary_rows": len(canary),
+        "canary_rows_contradicted": sum(i in canary for i in check.contradicted),
+        "contradicted_rows": [{"text": texts[i], "label": int(labels[i]), "canary": i in canary}
+                              for i in check.contradicted],
+    }
