@@ -186,12 +186,13 @@ def filter_lines(metrics: dict[str, Any]) -> list[str]:
     alternative: the kept rows trained undefended (docs/RECIPE.md, "The adaptive two-run workflow").
     """
     filtered = metrics.get("filter") or {}
+    lines = teacher_lines(filtered.get("teacher"))
     if filtered.get("method", "none") == "none":
-        return []
+        return lines
     flagged = ", ".join(repr(f["feature"]) for f in filtered["flagged"][:6]) or "none"
     more = f" and {len(filtered['flagged']) - 6} more" if len(filtered["flagged"]) > 6 else ""
-    lines = [f"filter {filtered['method']}: removed {filtered['rows_removed']} of {filtered['rows_before']} training rows "
-             f"(threshold z {filtered['threshold']:.2f}; flagged n-grams: {flagged}{more}; see filter-report.json)"]
+    lines.insert(0, f"filter {filtered['method']}: removed {filtered['rows_removed']} of {filtered['rows_before']} training rows "
+                    f"(threshold z {filtered['threshold']:.2f}; flagged n-grams: {flagged}{more}; see filter-report.json)")
     if filtered["rows_removed"] and metrics.get("method") == "musclelora":
         lines.append(
             "  the filter found an inserted trigger: the kept rows trained undefended (add method=vanilla "
@@ -200,6 +201,17 @@ def filter_lines(metrics: dict[str, Any]) -> list[str]:
             "fails): docs/RECIPE.md, \"The adaptive two-run workflow\""
         )
     return lines
+
+
+def teacher_lines(block: dict[str, Any] | None) -> list[str]:
+    """What ``filter.teacher`` did, for the end-of-run printout (empty without a teacher)."""
+    if not block:
+        return []
+    moves = ", ".join(f"{t['label']}->{t['teacher']}: {t['rows']}" for t in block["transitions"]) or "none"
+    done = "relabelled" if block["action"] == "relabel" else f"dropped ({block['rows_kept']} rows left)"
+    return [f"filter teacher {block['teacher']['run_dir']}: contradicted {block['rows_contradicted']} of "
+            f"{block['rows_checked']} training rows ({moves}), {done}; canary rows contradicted: "
+            f"{block['canary_rows_contradicted']} of {block['canary_rows']} (see filter-report.json)"]
 
 
 if __name__ == "__main__":

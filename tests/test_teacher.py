@@ -103,6 +103,11 @@ def test_student_checks_every_row_against_the_teacher(action, teacher_run, tmp_p
     assert report["rows_kept"] == (96 if action == "relabel" else 96 - len(contradicted))
     assert metrics["filter"]["teacher"]["rows_contradicted"] == len(contradicted)
     assert "contradicted_rows" not in metrics["filter"]["teacher"]
+    from launch.train import filter_lines  # the end-of-run printout
+
+    (line,) = filter_lines(metrics)
+    assert f"contradicted {len(contradicted)} of 96 training rows" in line
+    assert ("relabelled" if action == "relabel" else f"dropped ({96 - len(contradicted)} rows left)") in line
 
 
 def test_teacher_must_be_a_finished_run(tmp_path, tiny_bert_dir, tiny_data_root):
