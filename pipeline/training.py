@@ -403,7 +403,11 @@ class ReferenceCache:
                 f"{where / ckpt.REFERENCE_CACHE_FILE} does not fit this model: missing {missing[:5]} unexpected "
                 f"{unexpected[:5]}; resume it with the configuration it was written with, or start a new run"
             )
-        return cls(grads={n: grads[n].to(device) for n in names}, loss=float(record["loss"]), draw=int(record["draw"]))
+        # A fresh copy: safetensors hands back tensors inside its file buffer, whose addresses need not be aligned
+        # as an allocation is, and CPU reductions (norms, dot products) round differently on such memory; a resumed
+        # run's bits then drift from a straight run's (1e-9 after one step on an AMD EPYC host).
+        return cls(grads={n: grads[n].to(device).clone() for n in names}, loss=float(record["loss"]),
+                   draw=int(record["draw"]))
 
 
 def local_rows(rows: Sequence[int], runtime: dist.Runtime) -> tuple[list[int], float]:
