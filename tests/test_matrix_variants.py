@@ -24,7 +24,10 @@ AUTHORS = "[align.min_ref_loss=0.4, align.max_raw_ratio=0.2]"
 NEVER_RAW = "[align.min_ref_loss=0, align.max_raw_ratio=0, align.start_epoch=0]"
 
 
-def _grid(tmp_path: Path, extra: str = "", *, authors: str = AUTHORS, methods: str = "vanilla, mus_authors, mus_never_raw") -> Path:
+def _grid(tmp_path: Path, extra: str = "", *, authors: str = AUTHORS, methods: str = "vanilla, mus_authors, mus_never_raw",
+          variants: str = "") -> Path:
+    """A grid with the variants mus_authors and mus_never_raw (``variants``: more lines of that block)."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "grid.yaml"
     path.write_text(f"""
 output_root: {tmp_path / 'out'}
@@ -33,7 +36,7 @@ methods: [{methods}]
 variants:
   mus_authors: {{method: musclelora, overrides: {authors}}}
   mus_never_raw: {{method: musclelora, overrides: {NEVER_RAW}}}
-seeds: [1]
+{variants}seeds: [1]
 overrides: [train.epochs=2]
 {extra}""")
     return path
@@ -240,19 +243,7 @@ def test_derived_cells_from_a_variant_use_its_method_and_overrides(tmp_path):
 def _student_grid(tmp_path: Path, student: str = "['filter.teacher=${cell:mus_never_raw}', filter.teacher_action=drop]",
                   methods: str = "student, mus_never_raw") -> Path:
     """A grid whose ``student`` variant reads ``${cell:...}`` (a vanilla run checked by another cell's model)."""
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    path = tmp_path / "grid.yaml"
-    path.write_text(f"""
-output_root: {tmp_path / 'out'}
-attacks: [badnets, addsent]
-methods: [{methods}]
-variants:
-  mus_never_raw: {{method: musclelora, overrides: {NEVER_RAW}}}
-  student: {{method: vanilla, overrides: {student}}}
-seeds: [1]
-overrides: [train.epochs=2]
-""")
-    return path
+    return _grid(tmp_path, methods=methods, variants=f"  student: {{method: vanilla, overrides: {student}}}\n")
 
 
 def test_a_cell_reads_its_teacher_cell_of_the_same_attack_and_seed(tmp_path):
