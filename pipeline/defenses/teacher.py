@@ -24,16 +24,20 @@ the file's rows and stays a positive control of the whole defence. Nothing here 
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
-if TYPE_CHECKING:
-    import torch
-    from datasets import Dataset
+import torch
+from datasets import Dataset
+from torch.utils.data import DataLoader
+
+from pipeline import data as data_lib
+from pipeline.evaluate import predict
 
 logger = logging.getLogger(__name__)
 
@@ -105,15 +109,7 @@ def teacher_predictions(
         pipeline.inference.RunDirError: ``run_dir`` is not a finished run, or its model does not rebuild.
         ValueError: the teacher classifies into another number of labels than ``num_labels``.
     """
-    import json
-
-    from torch.utils.data import DataLoader
-
-    from datasets import Dataset
-
-    from pipeline import data as data_lib
-    from pipeline import inference
-    from pipeline.evaluate import predict
+    from pipeline import inference  # imports pipeline.training, which imports this module
 
     files = inference.finished_run_files(run_dir)
     cfg, tokenizer, model = inference.load_run(run_dir, device, trust_remote_code=trust_remote_code)
