@@ -207,11 +207,9 @@ def teacher_lines(block: dict[str, Any] | None) -> list[str]:
     """What ``filter.teacher`` did, for the end-of-run printout (empty without a teacher)."""
     if not block:
         return []
-    moves = ", ".join(f"{t['label']}->{t['teacher']}: {t['rows']}" for t in block["transitions"]) or "none"
-    done = "relabelled" if block["action"] == "relabel" else f"dropped ({block['rows_kept']} rows left)"
-    return [f"filter teacher {block['teacher']['run_dir']}: contradicted {block['rows_contradicted']} of "
-            f"{block['rows_checked']} training rows ({moves}), {done}; canary rows contradicted: "
-            f"{block['canary_rows_contradicted']} of {block['canary_rows']} (see filter-report.json)"]
+    from pipeline.defenses.teacher import summary  # torch and datasets: only after a run
+
+    return [summary(block)]
 
 
 if __name__ == "__main__":

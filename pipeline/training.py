@@ -759,13 +759,7 @@ def _teacher_check(
     if about["canary_held"] is False:
         logger.warning("filter.teacher: the teacher %s did not hold its own canary, so it may agree with a trigger's "
                        "labels; use a defended run (recipe=defended) as the teacher", cfg.filter.teacher)
-    logger.info(
-        "filter teacher (%s): contradicts %d of %d training rows (%s); %s; canary rows contradicted: %d of %d",
-        cfg.filter.teacher, block["rows_contradicted"], block["rows_checked"],
-        ", ".join(f"{t['label']}->{t['teacher']}: {t['rows']}" for t in block["transitions"]) or "none",
-        "relabelled" if check.action == "relabel" else f"dropped, {len(kept)} rows left",
-        block["canary_rows_contradicted"], block["canary_rows"],
-    )
+    logger.info("%s", teacher_lib.summary(block))
     report = dict(filter_report) if filter_report is not None else {"method": cfg.filter.method}
     report["teacher"] = block
     return dataclasses.replace(training, train=kept), report

@@ -149,3 +149,12 @@ def report(check: TeacherCheck, texts: Sequence[str], labels: Sequence[int], *, 
         "contradicted_rows": [{"text": texts[i], "label": int(labels[i]), "canary": i in canary}
                               for i in check.contradicted],
     }
+
+
+def summary(block: dict[str, Any]) -> str:
+    """One line for the log and the end-of-run printout from a :func:`report` block (with or without its row list)."""
+    moves = ", ".join(f"{t['label']}->{t['teacher']}: {t['rows']}" for t in block["transitions"]) or "none"
+    done = "relabelled" if block["action"] == "relabel" else f"dropped ({block['rows_kept']} rows left)"
+    return (f"filter teacher {block['teacher']['run_dir']}: contradicted {block['rows_contradicted']} of "
+            f"{block['rows_checked']} training rows ({moves}), {done}; canary rows contradicted: "
+            f"{block['canary_rows_contradicted']} of {block['canary_rows']} (see filter-report.json)")
