@@ -25,12 +25,11 @@ the file's rows and stays a positive control of the whole defence. Nothing here 
 from __future__ import annotations
 
 import json
-import logging
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from datasets import Dataset
@@ -39,9 +38,6 @@ from torch.utils.data import DataLoader
 from pipeline import data as data_lib
 from pipeline.evaluate import predict
 
-logger = logging.getLogger(__name__)
-
-Action = Literal["relabel", "drop"]
 ACTIONS: tuple[str, ...] = ("relabel", "drop")
 
 
@@ -111,18 +107,17 @@ def teacher_predictions(
     """
     from pipeline import inference  # imports pipeline.training, which imports this module
 
-    files = inference.finished_run_files(run_dir)
-    cfg, tokenizer, model = inference.load_run(run_dir, device, trust_remote_code=trust_remote_code)
+    cfg, tokenizer, model = inference.load_run(run_dir, device, trust_remote_code=trust_remote_code)  # checks the folder
     if cfg.model.num_labels != num_labels:
         raise ValueError(f"the teacher {run_dir} classifies into {cfg.model.num_labels} labels, this run into {num_labels}")
     rows = Dataset.from_dict({"text": list(texts), "label": [0] * len(texts)})
     encoded = data_lib.encode(rows, tokenizer, max_length=cfg.data.max_length)
     loader = DataLoader(encoded, batch_size=batch_size, shuffle=False, collate_fn=data_lib.make_collator(tokenizer))
     predictions, _ = predict(model, loader, device=device, desc="teacher")
-    metrics = json.loads(files.metrics.read_text(encoding="utf-8"))
+    metrics = json.loads((Path(run_dir) / inference.METRICS_FILE).read_text(encoding="utf-8"))
     canary = metrics.get("canary") or {}
     about = {
-        "run_dir": str(files.run_dir), "method": cfg.method, "recipe": cfg.recipe, "model": cfg.model.name_or_path,
+        "run_dir": str(Path(run_dir)), "method": cfg.method, "recipe": cfg.recipe, "model": cfg.model.name_or_path,
         "best_epoch": metrics.get("best_epoch"), "dev_clean_acc": metrics.get("dev_clean_acc"),
         "canary_held": canary.get("held") if canary.get("enabled") else None,
     }
