@@ -38,16 +38,17 @@ def mix(tuned: dict, pretrained: dict, rho: float) -> dict:
 
 
 def accuracy(model, tokenizer, texts: list[str], labels: list[int], max_length: int) -> float:
-    """Share of ``texts`` classified as ``labels`` (percent)."""
-    import torch
+    """Share of ``texts`` classified as ``labels`` (percent), tokenised and predicted as evaluation does."""
+    from datasets import Dataset
+    from torch.utils.data import DataLoader
 
-    hits = 0
-    with torch.no_grad():
-        for start in range(0, len(texts), 128):
-            enc = tokenizer(texts[start:start + 128], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-            predicted = model(**enc).logits.argmax(-1)
-            hits += int((predicted == torch.tensor(labels[start:start + 128])).sum())
-    return 100 * hits / max(len(texts), 1)
+    from pipeline import data as data_lib
+    from pipeline import evaluate
+
+    rows = data_lib.encode(Dataset.from_dict({"text": texts, "label": labels}), tokenizer, max_length=max_length)
+    loader = DataLoader(rows, batch_size=128, shuffle=False, collate_fn=data_lib.make_collator(tokenizer))
+    predictions, truth = evaluate.predict(model, loader, device="cpu", progress=False)
+    return 100 * evaluate.accuracy(predictions, truth)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,8 +10,8 @@ never saw it; shuffled because the rows come in file order, where a file's poiso
 reports the cross-fitted probability of each row's own label, p(y), for the clean rows, the canary rows and the
 file's poisoned rows.
 
-Features: ``bow`` = binary word 1-2-grams; ``layerK`` = mean-pooled hidden states of layer K of the pretrained
-backbone (MiniLM here; frozen). The poisoned rows are found by matching texts with the training file's
+Features: ``bow`` = binary word 1-2-grams, the lexical filter's own (lower-cased, whitespace-split); ``layerK`` =
+mean-pooled hidden states of layer K of the pretrained backbone (MiniLM here; frozen). The poisoned rows are found by matching texts with the training file's
 ``poison_label`` column: **for analysis only**; nothing in the product reads it.
 
     python benchmarks/shortcut_probe.py --attacks addsent stylebkd synbkd --seeds 42 --features bow layer1 layer2 layer3 layer6
@@ -56,28 +56,38 @@ def training_rows(
             [t in poisoned and i not in canary_rows for i, t in enumerate(texts)], cfg)
 
 
-def features(kind: str, texts: list[str], model_path: str, max_length: int):
-    """A (rows x features) matrix for ``kind`` (bow or layerK)."""
+def features(kind: str, texts: list[str], embedder=None):
+    """A (rows x features) matrix for ``kind``: ``bow`` = the lexical filter's word 1-2-grams (binary), ``layerK`` =
+    the mean over the text of the backbone's layer-K hidden states (``embedder(texts, layer)``), standardised."""
     import numpy as np
-    import torch
 
     if kind == "bow":
-        from sklearn.feature_extraction.text import CountVectorizer
+        from sklearn.preprocessing import MultiLabelBinarizer
 
-        return CountVectorizer(ngram_range=(1, 2), binary=True).fit_transform(texts)
-    layer = int(kind.removeprefix("layer"))
+        from pipeline.defenses.lexical import features as ngrams
+
+        return MultiLabelBinarizer(sparse_output=True).fit_transform([ngrams(t) for t in texts])
+    x = embedder(texts, int(kind.removeprefix("layer"))).numpy()
+    return (x - x.mean(0)) / (x.std(0) + 1e-6)
+
+
+def layer_embedder(cfg):
+    """texts, layer -> the pretrained backbone's mean-pooled layer-``layer`` hidden states (pipeline.training's
+    backbone_embedder, the canary screen's, at that layer)."""
     from transformers import AutoModel, AutoTokenizer
 
-    tokenizer, model = AutoTokenizer.from_pretrained(model_path), AutoModel.from_pretrained(model_path).eval()
-    pooled = []
-    with torch.no_grad():
-        for start in range(0, len(texts), 64):
-            enc = tokenizer(texts[start:start + 64], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-            hidden = model(**enc, output_hidden_states=True).hidden_states[layer]
-            mask = enc["attention_mask"].unsqueeze(-1).float()
-            pooled.append(((hidden * mask).sum(1) / mask.sum(1)).numpy())
-    x = np.concatenate(pooled)
-    return (x - x.mean(0)) / (x.std(0) + 1e-6)
+    from pipeline import training
+    from pipeline.modeling import resolve_model_path
+
+    path = resolve_model_path(cfg.model.name_or_path)
+    tokenizer, model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path)
+
+    def embed(texts: list[str], layer: int):
+        both = training.backbone_embedder(model, tokenizer, max_length=cfg.data.max_length, batch_size=64,
+                                          device="cpu", is_decoder=False, layer=layer)(texts)
+        return both[:, both.shape[1] // 2:]  # the mean half (the first half is the [CLS] position)
+
+    return embed
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,8 +104,6 @@ def main(argv: list[str] | None = None) -> int:
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
-    from pipeline.modeling import resolve_model_path
-
     torch.set_num_threads(1)
     print("| attack | seed | features | C | clean rows: mean p(y) / share > 0.9 | canary rows | poisoned rows | "
           "clean accuracy |")
@@ -106,8 +114,9 @@ def main(argv: list[str] | None = None) -> int:
             y, canary, poisoned = np.array(labels), np.array(canary), np.array(poisoned)
             clean = ~canary & ~poisoned
             folds = StratifiedKFold(5, shuffle=True, random_state=seed)  # the rows come in file order
+            embedder = layer_embedder(cfg) if any(k != "bow" for k in args.features) else None
             for kind in args.features:
-                x = features(kind, texts, resolve_model_path(cfg.model.name_or_path), cfg.data.max_length)
+                x = features(kind, texts, embedder)
                 for c in args.C:
                     proba = cross_val_predict(LogisticRegression(C=c, max_iter=3000), x, y, cv=folds, method="predict_proba")
                     p_own = proba[np.arange(len(y)), y]

@@ -808,9 +808,11 @@ _SCREEN_FILE = "canary-screen.json"
 
 
 def backbone_embedder(
-    model: nn.Module, tokenizer: Any, *, max_length: int, batch_size: int, device: torch.device | str, is_decoder: bool
+    model: nn.Module, tokenizer: Any, *, max_length: int, batch_size: int, device: torch.device | str, is_decoder: bool,
+    layer: int = -1,
 ) -> Callable[[list[str]], torch.Tensor]:
-    """texts -> the model's last hidden states at the position its classifier pools, next to their mean over the text.
+    """texts -> the model's hidden states of ``layer`` (default: the last) at the position its classifier pools, next
+    to their mean over the text.
 
     The pooled position is the first token for encoders (BERT's [CLS]) and the last non-pad token for decoders
     (right padding). Float32 on CPU, eval mode, no gradients; tokenised as training tokenises (truncation at
@@ -825,7 +827,7 @@ def backbone_embedder(
                 batch = tokenizer(texts[start : start + batch_size], truncation=True, max_length=max_length,
                                   padding=True, return_token_type_ids=False, return_tensors="pt")
                 batch = _to_device(batch, torch.device(device))
-                hidden = model(**batch, output_hidden_states=True).hidden_states[-1]
+                hidden = model(**batch, output_hidden_states=True).hidden_states[layer]
                 mask = batch["attention_mask"]
                 hidden = hidden[:, -mask.shape[1]:].float()
                 weights = mask.unsqueeze(-1).to(hidden.dtype)
