@@ -167,3 +167,22 @@ def test_screen_keys_are_checked():
         load_config(None, ["canary.screen_candidates=0"])
     with pytest.raises(ConfigError, match="canary.trigger"):
         load_config(None, ["canary.trigger=[]"])
+
+
+def test_the_embedder_reads_the_layer_it_is_given():
+    """layer=0 reads the first hidden-state tensor (the embeddings in transformers), the default the last."""
+
+    class _Layers(torch.nn.Module):
+        def forward(self, input_ids, attention_mask, output_hidden_states=False):
+            base = input_ids[:, :, None].float().expand(*input_ids.shape, 2)
+
+            class Out:
+                hidden_states = (base, base + 10, base + 20)
+
+            return Out()
+
+    embed = {layer: training.backbone_embedder(_Layers(), _Tok(), max_length=8, batch_size=2, device="cpu",
+                                               is_decoder=False, **({} if layer is None else {"layer": layer}))(["a b"])
+             for layer in (None, 0, 1)}
+    # one row of two tokens, id 3 each: layer k adds 10 * k; the default is the last tensor (layer 2)
+    assert embed[0][0, 0].item() == 3.0 and embed[1][0, 0].item() == 13.0 and embed[None][0, 0].item() == 23.0
