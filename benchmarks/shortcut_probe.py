@@ -22,7 +22,6 @@ Needs scikit-learn (``pip install -e .[analysis]``). docs/teacher_eval_discussio
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 from pathlib import Path
 
@@ -41,6 +40,7 @@ def training_rows(
     a training-time defence gets. A poisoned row is one whose text carries ``poison_label`` 1 in the training file
     (analysis only); a canary row is never counted as poisoned.
     """
+    from pipeline import data as data_lib
     from pipeline import training
     from pipeline.config import load_config, resolve_defaults
 
@@ -49,8 +49,8 @@ def training_rows(
     paths, rows = training._training_data(cfg)
     planted, canary = training._plant_canary(cfg, rows)
     texts, labels = list(planted.train["text"]), [int(y) for y in planted.train["label"]]
-    with open(paths.train, newline="", encoding="utf-8") as handle:  # analysis only: the file's poison_label
-        poisoned = {row[1] for row in list(csv.reader(handle))[1:] if row[3] == "1"}
+    file_rows = data_lib.read_split(paths.train, num_labels=cfg.model.num_labels, keep_poison_label=True)  # analysis only
+    poisoned = {t for t, p in zip(file_rows["text"], file_rows["poison_label"]) if p == 1}
     canary_rows = set(canary.planted)
     return (texts, labels, [i in canary_rows for i in range(len(texts))],
             [t in poisoned and i not in canary_rows for i, t in enumerate(texts)], cfg)
