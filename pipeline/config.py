@@ -673,6 +673,26 @@ class FilterConfig(_Validated):
 
 
 @dataclass(frozen=True)
+class ShortcutConfig(_Validated):
+    """Product-of-experts training with a shallow shortcut expert (pipeline/defenses/shortcut.py)."""
+
+    _prefix: ClassVar[str] = "shortcut."
+
+    expert: Literal["none", "ngram"] = _field(
+        "none",
+        "none: plain cross-entropy; ngram: before training, a logistic regression on word n-grams is cross-fitted on "
+        "the training rows (each row scored by a fit on the other folds) and the training loss becomes the product of "
+        "experts CE(log_softmax(logits) + shortcut.weight x log p_expert): rows a shallow model already predicts (a word "
+        "trigger repeated in many rows) give the model little gradient; evaluation uses the model alone. Needs "
+        "scikit-learn (.[analysis])",
+    )
+    max_n: int = _field(2, "longest word n-gram the expert reads", check=_bounds(ge=1, le=4))
+    C: float = _field(1.0, "inverse L2 strength of the expert's logistic regression (scikit-learn's C)", check=_bounds(gt=0))
+    folds: int = _field(5, "cross-fitting folds (each row is scored by a fit on the others)", check=_bounds(ge=2, le=20))
+    weight: float = _field(1.0, "the expert's exponent w in the product of experts (1: the plain product)", check=_bounds(gt=0))
+
+
+@dataclass(frozen=True)
 class RunConfig(_Validated):
     """One training run: method, output folder and its sections."""
 
@@ -714,6 +734,7 @@ class RunConfig(_Validated):
     analysis: AnalysisConfig = _section(AnalysisConfig, "optional analyses")
     canary: CanaryConfig = _section(CanaryConfig, "planted positive-control backdoor")
     filter: FilterConfig = _section(FilterConfig, "training-row filter before training")
+    shortcut: ShortcutConfig = _section(ShortcutConfig, "product-of-experts loss with a shallow shortcut expert")
 
     def _cross_problems(self, values: Mapping[str, Any], bad_keys: set[str]) -> list[_Problem]:
         sections = {
@@ -737,6 +758,7 @@ _SECTIONS: dict[str, type] = {
     "analysis": AnalysisConfig,
     "canary": CanaryConfig,
     "filter": FilterConfig,
+    "shortcut": ShortcutConfig,
 }
 _TOP_KEYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(RunConfig) if f.name not in _SECTIONS)
 
@@ -784,6 +806,16 @@ def _cross_problems(
                 "is true with method=ref_only, which already trains on the reference rows alone",
                 "set data.train_on_reference=false, or use a method that trains on the training file",
                 True,
+            )
+        )
+    shortcut = sections.get("shortcut")
+    if shortcut is not None and shortcut["expert"] != "none" and top.get("method") == "ref_only":
+        problems.append(
+            _Problem(
+                "shortcut.expert",
+                "is set with method=ref_only, which trains on the trusted reference rows alone (no shortcut to absorb)",
+                "set shortcut.expert=none, or use a method that trains on the training file",
+                shortcut["expert"],
             )
         )
     if not {"resume", "overwrite"} & bad_keys and top.get("resume") is True and top.get("overwrite") is True:

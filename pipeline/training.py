@@ -59,6 +59,7 @@ from pipeline.adapters.prefix import apply_prefix_tuning, word_prefix_input
 from pipeline.adapters.state import adapter_tensor_names, load_adapter, save_adapter
 from pipeline.alignment import GATES, align_gradients
 from pipeline.defenses import lexical
+from pipeline.defenses import shortcut as shortcut_lib
 from pipeline.defenses import teacher as teacher_lib
 from pipeline.config import (
     METHODS,
@@ -120,6 +121,9 @@ class Loaders:
     canary_triggered: DataLoader | None = None
     canary_decoys: tuple[DataLoader, ...] = ()
     filter_report: dict[str, Any] | None = None
+    expert: torch.Tensor | None = None
+    """``shortcut.expert``: the cross-fitted log p_expert(. | x) of each row of ``train`` (rows x labels)."""
+    shortcut_report: dict[str, Any] | None = None
 
 
 # ----------------------------------------------------------------------------- setup
@@ -424,12 +428,17 @@ def _to_device(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def batch_loss(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """Mean cross-entropy of one batch (computed here, not by the model, so every family agrees)."""
+def batch_loss(model: nn.Module, batch: Mapping[str, torch.Tensor], expert_logp: torch.Tensor | None = None,
+               expert_weight: float = 1.0) -> torch.Tensor:
+    """Mean cross-entropy of one batch (computed here, not by the model, so every family agrees).
+
+    ``expert_logp`` (rows x labels, ``shortcut.expert``): the product-of-experts loss
+    CE(log_softmax(logits) + expert_weight * expert_logp) instead (pipeline/defenses/shortcut.py).
+    """
     labels = batch["labels"]
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     logits = model(**inputs).logits
-    return nn.functional.cross_entropy(logits.float(), labels)
+    return shortcut_lib.product_of_experts_loss(logits, labels, expert_logp, expert_weight)
 
 
 # ----------------------------------------------------------------------------- state
@@ -893,6 +902,27 @@ def _with_canary_trigger(cfg: RunConfig, trigger: Sequence[str]) -> RunConfig:
     return dataclasses.replace(cfg, canary=dataclasses.replace(cfg.canary, trigger=list(trigger)))
 
 
+def _shortcut_expert(cfg: RunConfig, training: data_lib.TrainingData, canary: canary_lib.CanaryData | None,
+                     loaders: Loaders) -> Loaders:
+    """``shortcut.expert``: cross-fit the shallow expert on the rows the loop trains on (every rank computes the
+    same, deterministic values) and log what it says about them and about the planted canary rows."""
+    if cfg.shortcut.expert == "none":
+        return loaders
+    texts, labels = list(training.train["text"]), [int(y) for y in training.train["label"]]
+    logger.info("shortcut.expert=%s: cross-fitting the expert on %d training rows (%d folds, word 1-%d-grams, C=%g)",
+                cfg.shortcut.expert, len(texts), cfg.shortcut.folds, cfg.shortcut.max_n, cfg.shortcut.C)
+    try:
+        expert = shortcut_lib.ngram_expert(texts, labels, num_labels=cfg.model.num_labels, max_n=cfg.shortcut.max_n,
+                                           C=cfg.shortcut.C, folds=cfg.shortcut.folds, seed=cfg.seed)
+    except (ImportError, ValueError) as error:
+        raise ConfigError([f"shortcut.expert={cfg.shortcut.expert!r}: {error}"]) from error
+    planted = {canary.train["text"][i] for i in canary.planted} if canary is not None else set()
+    block = shortcut_lib.report(expert, labels, canary_rows=[i for i, t in enumerate(texts) if t in planted])
+    block.update(expert=cfg.shortcut.expert, weight=cfg.shortcut.weight)
+    logger.info("%s", shortcut_lib.summary_line(block))
+    return dataclasses.replace(loaders, expert=expert, shortcut_report=block)
+
+
 def _add_reference_rows(cfg: RunConfig, training: data_lib.TrainingData) -> data_lib.TrainingData:
     """``data.train_on_reference``: append the trusted reference rows to the (filtered, canaried) training rows."""
     if not cfg.data.train_on_reference:
@@ -1260,6 +1290,7 @@ def _run(cfg: RunConfig, runtime: dist.Runtime, ds_raw: Mapping[str, Any] | None
     training = _add_reference_rows(cfg, training)
     loaders = build_loaders(cfg, tokenizer, training, evaluation)
     loaders = dataclasses.replace(loaders, filter_report=filter_report)
+    loaders = _shortcut_expert(cfg, training, canary_data, loaders)
     warn_truncation(cfg, loaders.train)
     if canary_data is not None:
         def loader(rows):
@@ -1587,7 +1618,8 @@ def _train_and_evaluate(
             for position, indices in enumerate(group):
                 mine, weight = local_rows(indices, runtime)
                 batch = _to_device(loaders.collate([loaders.train[i] for i in mine]), runtime.device)
-                loss = batch_loss(engine.forward_module, batch)
+                prior = loaders.expert[mine] if loaders.expert is not None else None
+                loss = batch_loss(engine.forward_module, batch, prior, cfg.shortcut.weight)
                 if not torch.isfinite(loss):
                     raise NonFiniteError(
                         f"step {progress['global_step']} (epoch {epoch}): training loss is {loss.item()}; "
@@ -1800,6 +1832,7 @@ def _final_evaluation(
         "data_files": {k: str(v) for k, v in dataclasses.asdict(paths).items()},
         "trusted_test_overlap": [dataclasses.asdict(o) if dataclasses.is_dataclass(o) else o for o in (overlap or [])],
         "filter": _filter_metrics(loaders.filter_report),
+        "shortcut": loaders.shortcut_report or {"expert": "none"},
         "config": config_to_dict(cfg),
     }
     with engine.gathered(adapter_tensor_names(model)):
