@@ -164,6 +164,11 @@ def main(argv: list[str] | None = None) -> int:
               "which removes more of the backdoor at this budget (docs/RECIPE.md)")
     for line in filter_lines(metrics):
         print(line)
+    shortcut = metrics.get("shortcut") or {}
+    if shortcut.get("expert", "none") != "none":
+        from pipeline.defenses.shortcut import summary_line
+
+        print(f"{summary_line(shortcut)}; trained through the product of experts (weight {shortcut['weight']:g})")
     canary = metrics.get("canary", {})
     if canary.get("enabled"):
         screen = canary.get("screen") or {}

@@ -29,7 +29,7 @@ from pipeline.config import (
 )
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "launch" / "configs"
-SECTIONS = ("model", "data", "lora", "mslr", "align", "train", "adapter", "prompt", "prefix", "analysis", "canary", "filter")
+SECTIONS = ("model", "data", "lora", "mslr", "align", "train", "adapter", "prompt", "prefix", "analysis", "canary", "filter", "shortcut")
 AUTO_KEYS = {
     "data.max_length", "data.ref_size", "lora.r", "lora.alpha", "lora.target_modules", "mslr.targets",
     "mslr.scales", "mslr.alpha", "align.min_ref_loss", "align.max_raw_ratio", "align.start_epoch",

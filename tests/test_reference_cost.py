@@ -167,9 +167,9 @@ def test_ref_batch_size_draws_batches_of_that_many_rows(tmp_path, tiny_bert_dir,
     forwards: list[int] = []
     original = training.batch_loss
 
-    def counting(model, batch):
+    def counting(model, batch, *expert):
         forwards.append(int(batch["labels"].shape[0]))
-        return original(model, batch)
+        return original(model, batch, *expert)
 
     monkeypatch.setattr(training, "batch_loss", counting)
     run_training(_cfg(tmp_path, tiny_bert_dir, tiny_data_root, "train.max_steps=4", "train.batch_size=4",

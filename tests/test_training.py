@@ -246,9 +246,9 @@ def test_non_finite_loss_stops_with_step_and_keeps_checkpoint(tmp_path, tiny_dat
     original = training.batch_loss
     calls = {"n": 0}
 
-    def poisoned_loss(model, batch):
+    def poisoned_loss(model, batch, *expert):
         calls["n"] += 1
-        loss = original(model, batch)
+        loss = original(model, batch, *expert)
         return loss * float("nan") if calls["n"] > 14 else loss
 
     monkeypatch.setattr(training, "batch_loss", poisoned_loss)
@@ -426,9 +426,9 @@ def test_ref_only_trains_musclelora_adapters_on_reference_rows_only(tmp_path, ti
     seen: list[int] = []
     original = training.batch_loss
 
-    def spy(model, batch):
+    def spy(model, batch, *expert):
         seen.extend(batch["input_ids"].flatten().tolist())
-        return original(model, batch)
+        return original(model, batch, *expert)
 
     monkeypatch.setattr(training, "batch_loss", spy)
     metrics = run_training(_config(tmp_path, tiny_bert_dir, tiny_data_root, "method=ref_only", "train.epochs=1"))
