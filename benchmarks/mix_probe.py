@@ -17,7 +17,6 @@ docs/teacher_eval_discussion.md ("Eighth session") has the table. No trusted fin
 from __future__ import annotations
 
 import argparse
-import random
 import sys
 from pathlib import Path
 
@@ -74,10 +73,9 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         paths, _ = training._training_data(cfg)
         dev, dev_poison = data_lib.read_split(paths.dev_clean), data_lib.read_split(paths.dev_poison)
-        target = cfg.canary.target_label
-        others = [t for t, y in zip(dev["text"], dev["label"]) if y != target]
-        rng = random.Random(cfg.seed)
-        triggered = [canary_lib.insert_trigger(t, cfg.canary.trigger, rng) for t in others]
+        spec = training.canary_spec(cfg)  # the run's canary, as its own evaluation builds the triggered copies
+        copies, rows = canary_lib.triggered_selection(dev, spec)
+        target, triggered, others = spec.target_label, list(copies["text"]), [dev["text"][i] for i in rows]
         tuned = {k: v.clone() for k, v in model.state_dict().items()}
         pretrained = AutoModelForSequenceClassification.from_pretrained(
             resolve_model_path(cfg.model.name_or_path), num_labels=cfg.model.num_labels).state_dict()

@@ -98,6 +98,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--features", nargs="+", default=["bow", "layer1", "layer2", "layer3", "layer6"])
     parser.add_argument("--overrides", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides (as for launch/train.py)")
     parser.add_argument("--C", type=float, nargs="+", default=[0.01, 0.1, 1.0], help="inverse L2 strengths tried")
+    parser.add_argument("--fit", choices=("cross", "in-sample"), default="cross",
+                        help="cross: each row scored by a fit on the other folds (the default, what shortcut.expert "
+                             "uses); in-sample: one fit on every row scores them all (for contrast)")
+    parser.add_argument("--residual", action="store_true",
+                        help="add each group's sum of 1 - p(y) over its rows: its weight in a product-of-experts "
+                             "loss's gradient while the main model is still uninformed")
     args = parser.parse_args(argv)
     import numpy as np
     import torch
@@ -106,8 +112,8 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(1)
     print("| attack | seed | features | C | clean rows: mean p(y) / share > 0.9 | canary rows | poisoned rows | "
-          "clean accuracy |")
-    print("|---|---|---|---|---|---|---|---|")
+          "clean accuracy |" + (" sum of 1 - p(y): clean / canary / poisoned |" if args.residual else ""))
+    print("|---|---|---|---|---|---|---|---|" + ("---|" if args.residual else ""))
     for attack in args.attacks:
         for seed in args.seeds:
             texts, labels, canary, poisoned, cfg = training_rows(args.config, attack, seed, args.overrides)
@@ -118,15 +124,20 @@ def main(argv: list[str] | None = None) -> int:
             for kind in args.features:
                 x = features(kind, texts, embedder)
                 for c in args.C:
-                    proba = cross_val_predict(LogisticRegression(C=c, max_iter=3000), x, y, cv=folds, method="predict_proba")
+                    if args.fit == "cross":
+                        proba = cross_val_predict(LogisticRegression(C=c, max_iter=3000), x, y, cv=folds, method="predict_proba")
+                    else:
+                        proba = LogisticRegression(C=c, max_iter=3000).fit(x, y).predict_proba(x)
                     p_own = proba[np.arange(len(y)), y]
 
                     def cell(rows: np.ndarray) -> str:
                         return f"{p_own[rows].mean():.2f} / {(p_own[rows] > 0.9).mean():.2f} (n={int(rows.sum())})" if rows.any() else "-"
 
                     accuracy = (proba.argmax(1) == y)[clean].mean()
+                    residual = (" " + " / ".join(f"{(1 - p_own[rows]).sum():.1f}" for rows in (clean, canary, poisoned))
+                                + " |") if args.residual else ""
                     print(f"| {attack} | {seed} | {kind} | {c:g} | {cell(clean)} | {cell(canary)} | {cell(poisoned)} | "
-                          f"{100 * accuracy:.1f} |", flush=True)
+                          f"{100 * accuracy:.1f} |{residual}", flush=True)
     return 0
 
 

@@ -59,3 +59,28 @@ def test_mixing_interpolates_the_backbone_and_keeps_the_head():
     assert torch.equal(half["bert.position_ids"], tuned["bert.position_ids"])  # integer buffers stay
     assert torch.equal(half["bert.extra"], tuned["bert.extra"])  # only the tuned model has it
     assert torch.equal(script.mix(tuned, pretrained, 0.0)["bert.layer.weight"], pretrained["bert.layer.weight"])
+
+
+def test_the_subspace_probe_measures_the_share_a_projection_keeps():
+    script = load_script("benchmarks/subspace_probe.py")
+    basis = torch.tensor([[1.0, 0.0, 0.0], [1.0, 1.0, 0.0]])  # spans the first two axes
+    vectors = torch.tensor([[3.0, 4.0, 0.0], [0.0, 0.0, 2.0], [1.0, 0.0, 1.0]])
+    assert torch.allclose(script.kept(vectors, basis), torch.tensor([1.0, 0.0, 2 ** -0.5], dtype=torch.float64))
+    one = torch.tensor([[0.0, 1.0, 0.0]])
+    assert torch.allclose(script.kept(vectors, one), torch.tensor([0.8, 0.0, 0.0], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("fit", ["cross", "in-sample"])
+def test_the_shortcut_probe_residual_column_matches_its_means(fit, tiny_data_root, capsys):
+    pytest.importorskip("sklearn")
+    script = load_script("benchmarks/shortcut_probe.py")
+    assert script.main(["--attacks", "badnets", "--features", "bow", "--C", "1", "--fit", fit, "--residual",
+                        "--overrides", *_overrides(tiny_data_root)]) == 0
+    row = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| badnets")][0]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    residuals = [float(v) for v in cells[8].split(" / ")]
+    for cell, residual in zip(cells[4:7], residuals):  # clean, canary, poisoned: n * (1 - mean p(y))
+        mean, rows = float(cell.split()[0]), int(cell.split("(n=")[1].rstrip(")"))
+        assert abs(rows * (1 - mean) - residual) <= 0.005 * rows + 0.05
+    if fit == "in-sample":  # one fit on every row: it has seen the canary rows it scores
+        assert float(cells[5].split()[0]) >= 0.9
