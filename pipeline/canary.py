@@ -39,10 +39,13 @@ measured on finished runs (benchmarks/canary_decoy_check.py, docs/CANARY.md) tha
 the drawn words (the decoys stayed at 5-23%), and a model that did learn the canary also moves its decoys
 (vanilla, seed 42: 48-62%), which would mask a partly learned canary. So they stay opt-in.
 
-Selection rule (:func:`select_epoch`), tolerance tau: an epoch qualifies when D <= tau. Among the
-qualifying epochs the highest dev-clean accuracy wins (the earliest on ties); when none qualifies the
-lowest D wins (then the higher dev-clean accuracy, then the earliest) and the run says loudly that
-the canary was learned. The order is total, so the loop can keep the best so far epoch by epoch.
+Selection rule (:func:`select_epoch`), tolerance tau: an epoch qualifies when D <= tau and its model learned
+the task (dev-clean accuracy more than TASK_MARGIN above the majority-class share: a model that predicts one
+class has A = F and would otherwise "hold" any canary). Among the qualifying epochs the highest dev-clean
+accuracy wins (the earliest on ties); when none qualifies the lowest D among the epochs that learned the task
+wins (then the higher dev-clean accuracy, then the earliest), epochs that did not learn it coming last, and the
+run says loudly that the canary was learned. The order is total, so the loop can keep the best so far epoch by
+epoch.
 
 Threat model: the canary reads only the training rows' ``text`` and ``label`` and the selection rows;
 never ``poison_label``, dev-poison or the test files. Reference rows are never touched, and the
@@ -315,29 +318,40 @@ def floor_of(clean_floor: float, decoys: Sequence[float]) -> float:
     return max([clean_floor, *decoys])
 
 
-def qualifies(record: Mapping[str, Any], tolerance: float) -> bool:
-    """Whether an epoch record's canary is at its floor: ``canary_asr - canary_floor <= tolerance``."""
-    return record["canary_asr"] - record["canary_floor"] <= tolerance + 1e-12
+def task_learned(record: Mapping[str, Any], majority: float | None) -> bool:
+    """Whether the epoch's model learned the task: dev-clean accuracy above ``majority + TASK_MARGIN`` (True when
+    ``majority`` is None). A model that predicts (nearly) one class leaves the canary unmeasurable."""
+    return majority is None or float(record["dev_clean_acc"]) > majority + TASK_MARGIN
 
 
-def selection_key(record: Mapping[str, Any], tolerance: float | None) -> tuple[float, ...]:
+def qualifies(record: Mapping[str, Any], tolerance: float, majority: float | None = None) -> bool:
+    """Whether an epoch record's canary is at its floor, ``canary_asr - canary_floor <= tolerance``, in a model that
+    learned the task (:func:`task_learned`; not checked when ``majority`` is None)."""
+    return record["canary_asr"] - record["canary_floor"] <= tolerance + 1e-12 and task_learned(record, majority)
+
+
+def selection_key(record: Mapping[str, Any], tolerance: float | None, majority: float | None = None) -> tuple[float, ...]:
     """Sort key of an epoch record under the selection rule (larger is better).
 
     Without a canary (``tolerance`` None or the record has no ``canary_asr``) the key is the dev-clean
-    accuracy alone. Qualifying epochs rank above all others, by dev-clean accuracy; the others by the
-    lowest trigger-added ASR, then dev-clean accuracy.
+    accuracy alone. Qualifying epochs rank above all others, by dev-clean accuracy; then the epochs that learned
+    the task, by the lowest trigger-added ASR, then dev-clean accuracy; last the epochs that did not learn the task
+    (``majority`` given; their canary says nothing), by dev-clean accuracy.
     """
     acc = float(record["dev_clean_acc"])
     if tolerance is None or record.get("canary_asr") is None:
         return (acc,)
-    if qualifies(record, tolerance):
-        return (1.0, acc, 0.0)
-    return (0.0, -(record["canary_asr"] - record["canary_floor"]), acc)
+    if qualifies(record, tolerance, majority):
+        return (2.0, acc, 0.0)
+    if not task_learned(record, majority):
+        return (0.0, acc, 0.0)
+    return (1.0, -(record["canary_asr"] - record["canary_floor"]), acc)
 
 
-def better(candidate: Mapping[str, Any], incumbent: Mapping[str, Any] | None, tolerance: float | None) -> bool:
+def better(candidate: Mapping[str, Any], incumbent: Mapping[str, Any] | None, tolerance: float | None,
+           majority: float | None = None) -> bool:
     """Whether ``candidate`` beats the best epoch so far (None: nothing yet); ties keep the incumbent."""
-    return incumbent is None or selection_key(candidate, tolerance) > selection_key(incumbent, tolerance)
+    return incumbent is None or selection_key(candidate, tolerance, majority) > selection_key(incumbent, tolerance, majority)
 
 
 @dataclass(frozen=True)
@@ -355,13 +369,15 @@ class Selection:
     reason: str
 
 
-def select_epoch(records: Sequence[Mapping[str, Any]], tolerance: float | None) -> Selection:
+def select_epoch(records: Sequence[Mapping[str, Any]], tolerance: float | None, majority: float | None = None) -> Selection:
     """Pick the epoch by the selection rule of the module docstring.
 
     Args:
         records: Per-epoch records with ``epoch``, ``dev_clean_acc`` and, with a canary, ``canary_asr`` and
             ``canary_floor`` (fractions).
         tolerance: The canary tolerance; None selects on dev-clean accuracy alone.
+        majority: The selection rows' majority-class share: an epoch at most TASK_MARGIN above it did not learn
+            the task and never qualifies (None: not checked).
 
     Raises:
         ValueError: No records.
@@ -370,12 +386,12 @@ def select_epoch(records: Sequence[Mapping[str, Any]], tolerance: float | None) 
         raise ValueError("no epoch records to select from")
     best = None
     for record in records:
-        if better(record, best, tolerance):
+        if better(record, best, tolerance, majority):
             best = record
     assert best is not None
     if tolerance is None or best.get("canary_asr") is None:
         return Selection(int(best["epoch"]), True, "highest dev-clean accuracy (no canary)")
-    if qualifies(best, tolerance):
+    if qualifies(best, tolerance, majority):
         reason = (f"highest dev-clean accuracy among the epochs whose canary trigger-added ASR is within "
                   f"{100 * tolerance:.1f} points of its floor")
         return Selection(int(best["epoch"]), True, reason)
@@ -412,8 +428,8 @@ def verdict(record: Mapping[str, Any], spec: CanarySpec, *, majority: float | No
     clean = 100 * record.get("canary_clean_floor", record["canary_floor"])
     decoys = [100 * d for d in record.get("canary_decoy_asr", [])]
     parts = f"clean rows {clean:.1f}%" + (f", decoy triggers {' / '.join(f'{d:.1f}%' for d in decoys)}" if decoys else "")
-    learned = majority is None or record["dev_clean_acc"] > majority + TASK_MARGIN
-    held = qualifies(record, spec.tolerance) and learned
+    learned = task_learned(record, majority)
+    held = qualifies(record, spec.tolerance, majority)
     state = "HELD" if held else ("NOT HELD" if learned else "INCONCLUSIVE")
     message = (
         f"canary {state}: the planted backdoor ({' '.join(spec.trigger)} -> label "

@@ -1704,8 +1704,9 @@ def _train_and_evaluate(
                     + "".join(f", decoy {100 * d:.2f}%" for d in epoch_record["canary_decoy_asr"]) + ")"
                     if loaders.canary is not None else "")
         tolerance = _selection_tolerance(cfg, loaders.canary)
+        majority = canary_lib.majority_share(loaders.selection.dataset["labels"])
         incumbent = next((r for r in progress["history"] if r["epoch"] == progress["best_epoch"]), None)
-        if canary_lib.better(epoch_record, incumbent, tolerance):
+        if canary_lib.better(epoch_record, incumbent, tolerance, majority):
             progress["best_dev_clean_acc"] = dev_acc
             progress["best_epoch"] = epoch
             best = engine.full_parameters()
@@ -1752,13 +1753,13 @@ def _canary_metrics(canary: canary_lib.CanaryData | None, progress: Mapping[str,
     if tolerance is None:
         reason = "highest dev-clean accuracy (canary.select=false: the canary is measured and reported, not used for selection)"
     else:
-        reason = canary_lib.select_epoch(progress["history"], tolerance).reason
+        reason = canary_lib.select_epoch(progress["history"], tolerance, majority).reason
     return {
         "canary": {
             "enabled": True, **canary.spec.to_dict(), "screen": canary.screen or {"screened": False},
             "planted_rows": len(canary.planted),
             "triggered_selection_rows": len(canary.selection_rows), "used_for_selection": tolerance is not None,
-            "selected_epoch_qualified": canary_lib.qualifies(selected, canary.spec.tolerance),
+            "selected_epoch_qualified": canary_lib.qualifies(selected, canary.spec.tolerance, majority),
             **canary_lib.verdict(selected, canary.spec, majority=majority),
         },
         "selection_rule": reason,

@@ -179,6 +179,22 @@ def test_when_no_epoch_qualifies_the_lowest_canary_wins_and_says_so():
     assert "NO epoch" in chosen.reason
 
 
+def test_an_epoch_that_did_not_learn_the_task_never_qualifies():
+    """A one-class model has canary ASR = floor (here both 0: it never predicts the canary's target); with the
+    majority share given it ranks below every epoch that learned the task, even one whose canary was learned (the
+    poe_w2 AddSent cell at seed 42 selected such an epoch, dev-clean 49.6, before this rule)."""
+    collapsed, learned = _record(0, 0.496, 0.0, 0.0), _record(1, 0.71, 0.95, 0.19)
+    chosen = canary_lib.select_epoch([collapsed, learned], tolerance=0.05, majority=0.51)
+    assert (chosen.epoch, chosen.qualified) == (1, False) and "NO epoch" in chosen.reason
+    assert canary_lib.select_epoch([collapsed, learned], tolerance=0.05).epoch == 0  # without the task check
+    assert not canary_lib.qualifies(collapsed, 0.05, majority=0.51) and canary_lib.qualifies(collapsed, 0.05)
+    assert canary_lib.qualifies(_record(0, 0.57, 0.1, 0.1), 0.05, majority=0.51)  # 0.57 > 0.51 + 0.05
+    held = _record(2, 0.70, 0.12, 0.10)
+    assert canary_lib.select_epoch([collapsed, learned, held], tolerance=0.05, majority=0.51).epoch == 2
+    # among epochs that did not learn the task, the more accurate
+    assert canary_lib.select_epoch([collapsed, _record(1, 0.52, 0.0, 0.0)], tolerance=0.05, majority=0.51).epoch == 1
+
+
 def test_selection_ties_keep_the_earliest_and_the_tolerance_is_inclusive():
     records = [_record(0, 0.8, 0.15, 0.10), _record(1, 0.8, 0.10, 0.10)]
     assert canary_lib.select_epoch(records, tolerance=0.05).epoch == 0  # 0.05 added == tolerance qualifies
@@ -214,13 +230,14 @@ def _learned_at(epochs_learned: set[int], monkeypatch):
 
 def test_short_run_does_not_select_the_epoch_whose_canary_is_learned(tmp_path, tiny_data_root, tiny_bert_dir, monkeypatch):
     _learned_at({0, 2}, monkeypatch)
+    monkeypatch.setattr(canary_lib, "majority_share", lambda labels: 0.0)  # count the tiny model as having learned the task
     cfg = _tiny_cfg(tmp_path, tiny_bert_dir, tiny_data_root, "train.epochs=3", "method=lora")
     metrics = training.run_training(cfg)
     assert metrics["best_epoch"] == 1
     assert metrics["dev_clean_acc"] == pytest.approx(100 * metrics["history"][1]["dev_clean_acc"])
     canary = metrics["canary"]
     assert canary["enabled"] and canary["selected_epoch_qualified"]
-    assert canary["held"] is canary["task_learned"]  # the tiny model may stay at chance: then it is inconclusive
+    assert canary["held"] and canary["task_learned"]
     assert canary["trigger"] == list(canary_lib.draw_trigger(cfg.seed)) and canary["target_label"] == cfg.canary.target_label
     assert canary["planted_rows"] == round(0.1 * 96)
     on_disk = json.loads((tmp_path / "run" / "metrics.json").read_text())
