@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         raw_part = f"a raw-gradient share of {raw:g}" if raw else "never the raw gradient"
         print(f"defence (recipe=defended, docs/RECIPE.md): training rows filtered by filter.method={used['filter']['method']}, "
               f"then every update aligned to the gradient of {used['data']['ref_size']} trusted dev-clean rows "
-              f"({used['align']['ref_batch_size'] or used['train']['batch_size']} per step; {raw_part}); "
+              f"({metrics['reference_batch_size']} per step; {raw_part}); "
               "recipe=authors runs the paper's settings")
     elif metrics.get("recipe") == "authors":
         print("defence (recipe=authors): the paper's settings; recipe=defended (the default) is issue 11's recipe, "

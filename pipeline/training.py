@@ -1834,6 +1834,7 @@ def _final_evaluation(
         "trusted_test_overlap": [dataclasses.asdict(o) if dataclasses.is_dataclass(o) else o for o in (overlap or [])],
         "filter": _filter_metrics(loaders.filter_report),
         "shortcut": loaders.shortcut_report or {"expert": "none"},
+        "reference_batch_size": reference_batch_size(cfg),
         "config": config_to_dict(cfg),
     }
     with engine.gathered(adapter_tensor_names(model)):

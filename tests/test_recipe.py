@@ -79,6 +79,7 @@ def test_the_launcher_says_which_recipe_defended_the_run(tmp_path, tiny_bert_dir
         assert [used["align"][k] for k in ("min_ref_loss", "min_ref_grad_norm", "max_raw_ratio", "start_epoch")] == [0, 0, 0, 0]
         assert "defence (recipe=defended, docs/RECIPE.md): training rows filtered by filter.method=lexical_zscore" in out
         assert "gradient of 8 trusted dev-clean rows (8 per step;" in out  # data.ref_size=8 kept, the batch capped
+        assert metrics["reference_batch_size"] == 8
         assert (tmp_path / "run" / training.FILTER_REPORT).is_file()
     else:
         assert used["filter"]["method"] == "none" and used["align"]["min_ref_loss"] == 0.4
