@@ -162,3 +162,15 @@ def test_runs_train_through_the_expert(tmp_path, tiny_bert_dir, tiny_data_root, 
     run_training(load_config(None, _overrides(uniform, tiny_bert_dir, tiny_data_root) + ["shortcut.expert=ngram"]))
     c = _weights(uniform)
     assert all(torch.allclose(a[k], c[k], atol=1e-6) for k in a)
+
+
+def test_the_launcher_says_what_the_expert_saw(tmp_path, tiny_bert_dir, tiny_data_root, capsys):
+    from launch import train as launcher
+
+    assert launcher.main(_overrides(tmp_path / "run", tiny_bert_dir, tiny_data_root) + ["shortcut.expert=ngram",
+                                                                                         "shortcut.weight=2"]) == 0
+    out = capsys.readouterr().out
+    block = json.loads((tmp_path / "run" / "metrics.json").read_text())["shortcut"]
+    line = next(x for x in out.splitlines() if x.startswith("shortcut expert (cross-fitted word n-grams)"))
+    assert f"canary rows mean p(y) {block['canary_rows']['mean_p_label']:.3f}" in line
+    assert line.endswith("trained through the product of experts (weight 2)")
