@@ -25,6 +25,10 @@ but by a formatting artefact (their text keeps punctuation attached to words, un
 not by style or syntax: on data without that artefact expect the expert to miss them. It also lowers the
 gradient of clean rows whose sentiment words are strong, which can cost clean accuracy. Nothing here reads
 ``poison_label``.
+
+Measured (ninth session, docs/teacher_eval_discussion.md): vanilla at 2e-4 with the lexical filter and this expert
+(weight 1 or 2) still learned the planted canary on all four SST-2 files: the expert cuts the trigger rows' share of
+the gradient 2-4x, and a full fine-tune learns such a trigger from a dozen rows. Off by default.
 """
 
 from __future__ import annotations
@@ -37,7 +41,6 @@ import torch
 
 from pipeline.defenses.lexical import features as ngrams
 
-EXPERTS: tuple[str, ...] = ("none", "ngram")
 _FLOOR = 1e-6
 """Expert probabilities are clipped to [_FLOOR, 1] before the log, so a confident expert never gives -inf."""
 
