@@ -40,20 +40,30 @@ def training_rows(
     a training-time defence gets. A poisoned row is one whose text carries ``poison_label`` 1 in the training file
     (analysis only); a canary row is never counted as poisoned.
     """
-    from pipeline import data as data_lib
-    from pipeline import training
     from pipeline.config import load_config, resolve_defaults
 
     cfg = load_config(config, [f"data.attack={attack}", f"seed={seed}", *overrides, "filter.method=none"])
     cfg = resolve_defaults(cfg, model_type="bert", hidden_size=384, is_decoder=False)
+    texts, labels, canary, poisoned, _ = planted_rows(cfg)
+    return texts, labels, canary, poisoned, cfg
+
+
+def planted_rows(cfg) -> tuple[list[str], list[int], list[bool], list[bool], object]:
+    """A resolved config's training rows as its run trains on them (its ``filter.method``, then its canary planted):
+    texts, labels, canary flags, poisoned flags (``poison_label`` 1 in the training file: analysis only; a canary row
+    is never counted as poisoned), and the run's TrainingData (its trusted reference rows)."""
+    from pipeline import data as data_lib
+    from pipeline import training
+
     paths, rows = training._training_data(cfg)
+    rows, _ = training._filter_rows(cfg, rows)
     planted, canary = training._plant_canary(cfg, rows)
     texts, labels = list(planted.train["text"]), [int(y) for y in planted.train["label"]]
     file_rows = data_lib.read_split(paths.train, num_labels=cfg.model.num_labels, keep_poison_label=True)  # analysis only
     poisoned = {t for t, p in zip(file_rows["text"], file_rows["poison_label"]) if p == 1}
-    canary_rows = set(canary.planted)
+    canary_rows = set(canary.planted) if canary is not None else set()
     return (texts, labels, [i in canary_rows for i in range(len(texts))],
-            [t in poisoned and i not in canary_rows for i, t in enumerate(texts)], cfg)
+            [t in poisoned and i not in canary_rows for i, t in enumerate(texts)], rows)
 
 
 def features(kind: str, texts: list[str], embedder=None):
@@ -62,11 +72,9 @@ def features(kind: str, texts: list[str], embedder=None):
     import numpy as np
 
     if kind == "bow":
-        from sklearn.preprocessing import MultiLabelBinarizer
+        from pipeline.defenses.shortcut import ngram_matrix
 
-        from pipeline.defenses.lexical import features as ngrams
-
-        return MultiLabelBinarizer(sparse_output=True).fit_transform([ngrams(t) for t in texts])
+        return ngram_matrix(texts)
     x = embedder(texts, int(kind.removeprefix("layer"))).numpy()
     return (x - x.mean(0)) / (x.std(0) + 1e-6)
 

@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-for _path in (REPO, REPO / "kernels"):
+for _path in (REPO, REPO / "kernels", REPO / "benchmarks"):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
@@ -44,22 +44,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import numpy as np
 
-    from pipeline import data as data_lib
-    from pipeline import inference, training
+    from shortcut_probe import planted_rows
+
+    from pipeline import inference
 
     torch.set_num_threads(1)
     cfg, tokenizer, model = inference.load_run(args.run, "cpu")
-    paths, rows = training._training_data(cfg)
-    rows, _ = training._filter_rows(cfg, rows)
-    planted, canary = training._plant_canary(cfg, rows, None)
-    texts, labels = list(planted.train["text"]), [int(y) for y in planted.train["label"]]
-    file_rows = data_lib.read_split(paths.train, num_labels=cfg.model.num_labels, keep_poison_label=True)  # analysis only
-    poisoned = {t for t, p in zip(file_rows["text"], file_rows["poison_label"]) if p == 1}
-    in_canary = set(canary.planted) if canary is not None else set()
-    clean = [i for i in range(len(texts)) if i not in in_canary and texts[i] not in poisoned]
+    texts, labels, in_canary, poisoned, rows = planted_rows(cfg)
+    clean = [i for i in range(len(texts)) if not in_canary[i] and not poisoned[i]]
     groups = {
-        "canary rows": sorted(in_canary),
-        "poisoned rows": [i for i, t in enumerate(texts) if t in poisoned and i not in in_canary],
+        "canary rows": [i for i in range(len(texts)) if in_canary[i]],
+        "poisoned rows": [i for i in range(len(texts)) if poisoned[i]],
         "clean file rows": sorted(np.random.default_rng(0).choice(clean, min(args.clean_rows, len(clean)), replace=False).tolist()),
     }
     params = dict(model.named_parameters())

@@ -1600,6 +1600,7 @@ def _train_and_evaluate(
     done = progress["global_step"] >= total_steps
     if freq_every > 0 and progress["global_step"] == 0:
         measure_frequency(0, 0)
+    majority = canary_lib.majority_share(loaders.selection.dataset["labels"])  # the canary's task check
     while progress["epoch"] < cfg.train.epochs and not done:
         epoch = progress["epoch"]
         if progress["step_in_epoch"] == 0:
@@ -1704,7 +1705,6 @@ def _train_and_evaluate(
                     + "".join(f", decoy {100 * d:.2f}%" for d in epoch_record["canary_decoy_asr"]) + ")"
                     if loaders.canary is not None else "")
         tolerance = _selection_tolerance(cfg, loaders.canary)
-        majority = canary_lib.majority_share(loaders.selection.dataset["labels"])
         incumbent = next((r for r in progress["history"] if r["epoch"] == progress["best_epoch"]), None)
         if canary_lib.better(epoch_record, incumbent, tolerance, majority):
             progress["best_dev_clean_acc"] = dev_acc

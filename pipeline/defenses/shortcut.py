@@ -45,6 +45,19 @@ _FLOOR = 1e-6
 """Expert probabilities are clipped to [_FLOOR, 1] before the log, so a confident expert never gives -inf."""
 
 
+def ngram_matrix(texts: Sequence[str], max_n: int = 2) -> Any:
+    """A sparse binary (rows x n-grams) matrix of the lexical filter's word 1..``max_n``-grams of ``texts``.
+
+    Raises:
+        ImportError: scikit-learn is not installed (``pip install -e .[analysis]``).
+    """
+    try:
+        from sklearn.preprocessing import MultiLabelBinarizer
+    except ImportError as error:  # an optional dependency, as for CUBE
+        raise ImportError("shortcut.expert=ngram needs scikit-learn: pip install -e .[analysis]") from error
+    return MultiLabelBinarizer(sparse_output=True).fit_transform([ngrams(t, max_n) for t in texts])
+
+
 def ngram_expert(texts: Sequence[str], labels: Sequence[int], *, num_labels: int, max_n: int = 2, C: float = 1.0,
                  folds: int = 5, seed: int = 0) -> torch.Tensor:
     """Cross-fitted log p_e(. | x_i) of every row, a float32 tensor (rows x num_labels); see the module docstring.
@@ -53,12 +66,6 @@ def ngram_expert(texts: Sequence[str], labels: Sequence[int], *, num_labels: int
         ImportError: scikit-learn is not installed (``pip install -e .[analysis]``).
         ValueError: sizes disagree, a label is out of range, or a label has fewer rows than ``folds``.
     """
-    try:
-        from sklearn.linear_model import LogisticRegression
-        from sklearn.model_selection import StratifiedKFold, cross_val_predict
-        from sklearn.preprocessing import MultiLabelBinarizer
-    except ImportError as error:  # an optional dependency, as for CUBE
-        raise ImportError("shortcut.expert=ngram needs scikit-learn: pip install -e .[analysis]") from error
     import numpy as np
 
     if len(texts) != len(labels) or not texts:
@@ -72,7 +79,10 @@ def ngram_expert(texts: Sequence[str], labels: Sequence[int], *, num_labels: int
     rare = {label: n for label, n in counts.items() if n < folds}
     if rare:
         raise ValueError(f"shortcut.folds={folds} is more than the rows of label(s) {rare}: lower shortcut.folds")
-    x = MultiLabelBinarizer(sparse_output=True).fit_transform([ngrams(t, max_n) for t in texts])
+    x = ngram_matrix(texts, max_n)  # raises the ImportError without scikit-learn
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+
     split = StratifiedKFold(folds, shuffle=True, random_state=seed % 2**32)  # rows come in file order
     proba = cross_val_predict(LogisticRegression(C=C, max_iter=3000), x, y, cv=split, method="predict_proba")
     full = np.full((len(y), num_labels), _FLOOR)
