@@ -670,6 +670,29 @@ class FilterConfig(_Validated):
         "relabel", "what filter.teacher does with a row whose label its model contradicts: relabel (take the "
         "teacher's label) or drop (remove the row)",
     )
+    teacher_min_confidence: float = _field(
+        0.0,
+        "with filter.teacher_action=relabel: relabel a contradicted row only where the teacher gives its own label at "
+        "least this probability, and drop it where the teacher is less sure (0: relabel every contradicted row; e.g. "
+        "0.8 drops most of the teacher's own errors instead of teaching them; docs/FILTER.md)",
+        check=_bounds(ge=0, le=1),
+    )
+
+    def _cross_problems(self, values: Mapping[str, Any], bad_keys: set[str]) -> list[_Problem]:
+        confidence = values.get("teacher_min_confidence")
+        if "teacher_min_confidence" in bad_keys or not confidence:
+            return []
+        if values.get("teacher") is None:
+            return [_Problem("filter.teacher_min_confidence", "has no effect without filter.teacher (no teacher checks the rows)",
+                             "set filter.teacher to a finished run folder, or leave filter.teacher_min_confidence at 0",
+                             confidence)]
+        if values.get("teacher_action") == "drop":
+            return [_Problem(
+                "filter.teacher_min_confidence",
+                "applies to filter.teacher_action=relabel only (drop removes every row the teacher contradicts)",
+                "set filter.teacher_action=relabel, or leave filter.teacher_min_confidence at 0", confidence,
+            )]
+        return []
 
 
 @dataclass(frozen=True)

@@ -90,7 +90,34 @@ def predict(
         KeyError: If a batch lacks ``input_ids`` or ``labels``.
         ValueError: If the logits' batch size differs from the labels'.
     """
-    predictions: list[Tensor] = []
+    logits, labels = _all_logits(model, loader, device=device, desc=desc, progress=progress)
+    if not len(logits):
+        return torch.empty(0, dtype=torch.long), labels
+    return logits.argmax(dim=-1).long(), labels
+
+
+def predict_proba(
+    model: nn.Module,
+    loader: Iterable[Mapping[str, Tensor]],
+    *,
+    device: torch.device | str,
+    desc: str | None = None,
+    progress: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """Softmax probabilities (rows x labels, float32, CPU) and true labels of every example in ``loader``.
+
+    The same pass, checks and errors as :func:`predict`, whose predictions are these probabilities' argmax.
+    """
+    logits, labels = _all_logits(model, loader, device=device, desc=desc, progress=progress)
+    return torch.softmax(logits.float(), dim=-1) if len(logits) else logits.float(), labels
+
+
+def _all_logits(
+    model: nn.Module, loader: Iterable[Mapping[str, Tensor]], *, device: torch.device | str, desc: str | None,
+    progress: bool,
+) -> tuple[Tensor, Tensor]:
+    """The model's logits (rows x labels, CPU) and the labels over ``loader``, in eval mode (see :func:`predict`)."""
+    outputs: list[Tensor] = []
     labels: list[Tensor] = []
     with eval_mode(model):
         for index, batch in enumerate(tqdm(loader, desc=desc, disable=not progress, leave=False)):
@@ -108,12 +135,12 @@ def predict(
                     f"predict: batch {index} has {batch_labels.shape[0]} labels but the model returned "
                     f"logits of shape {tuple(logits.shape)}"
                 )
-            predictions.append(logits.argmax(dim=-1).cpu())
+            outputs.append(logits.detach().cpu())
             labels.append(batch_labels.cpu())
-    if not predictions:
+    if not outputs:
         logger.warning("predict: the loader %s yielded no batches", desc or "")
-        return torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long)
-    return torch.cat(predictions).long(), torch.cat(labels).long()
+        return torch.empty(0, 0), torch.empty(0, dtype=torch.long)
+    return torch.cat(outputs), torch.cat(labels).long()
 
 
 def _as_labels(values: LabelsLike, name: str) -> Tensor:

@@ -741,7 +741,8 @@ def _teacher_check(
     cfg: RunConfig, training: data_lib.TrainingData, canary: canary_lib.CanaryData | None, runtime: dist.Runtime,
     filter_report: dict[str, Any] | None,
 ) -> tuple[data_lib.TrainingData, dict[str, Any] | None]:
-    """``filter.teacher``: relabel or drop the (canaried) training rows whose label the teacher contradicts.
+    """``filter.teacher``: relabel or drop the (canaried) training rows whose label the teacher contradicts
+    (relabel: only where it is at least ``filter.teacher_min_confidence`` sure, the others dropped).
 
     Runs after the canary is planted, so the canary rows go through the check like the file's rows. Every rank
     computes the same predictions. Returns the checked rows and the filter report with a ``teacher`` block.
@@ -750,13 +751,14 @@ def _teacher_check(
         return training, filter_report
     texts, labels = list(training.train["text"]), list(training.train["label"])
     try:
-        predictions, about = teacher_lib.teacher_predictions(
+        predictions, confidences, about = teacher_lib.teacher_predictions(
             cfg.filter.teacher, texts, device=runtime.device, num_labels=cfg.model.num_labels,
             batch_size=cfg.train.eval_batch_size, trust_remote_code=cfg.model.trust_remote_code,
         )
     except ValueError as error:  # RunDirError and ConfigError of the teacher's folder too
         raise ConfigError([f"filter.teacher={cfg.filter.teacher!r}: {error}"]) from error
-    check = teacher_lib.check_labels(labels, predictions, cfg.filter.teacher_action)
+    check = teacher_lib.check_labels(labels, predictions, cfg.filter.teacher_action, confidences=confidences,
+                                     min_confidence=cfg.filter.teacher_min_confidence)
     kept = teacher_lib.apply_check(training.train, check)
     if len(set(kept["label"])) < 2:
         raise ConfigError([
@@ -764,7 +766,8 @@ def _teacher_check(
             f"the {len(kept)} training rows: the teacher predicts one label for nearly everything; check that run's "
             "dev-clean accuracy"
         ])
-    block = teacher_lib.report(check, texts, labels, teacher=about, canary_rows=canary.planted if canary else ())
+    block = teacher_lib.report(check, texts, labels, teacher=about, canary_rows=canary.planted if canary else (),
+                               confidences=confidences)
     if about["canary_held"] is False:
         logger.warning("filter.teacher: the teacher %s did not hold its own canary, so it may agree with a trigger's "
                        "labels; use a defended run (recipe=defended) as the teacher", cfg.filter.teacher)

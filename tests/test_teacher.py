@@ -36,11 +36,32 @@ def test_check_labels_relabel_and_drop():
     assert drop.contradicted == relabel.contradicted
 
 
+def test_check_labels_relabels_only_sure_contradictions():
+    labels = [0, 1, 1, 0, 1, 0]
+    teacher = [0, 0, 1, 1, 1, 1]
+    sure = [0.99, 0.95, 0.6, 0.7, 0.51, 0.8]  # the teacher's probability of its own prediction
+    check = check_labels(labels, teacher, "relabel", confidences=sure, min_confidence=0.8)
+    assert check.contradicted == (1, 3, 5)
+    assert check.unsure == (3,)  # contradicted at 0.7 < 0.8: dropped, not relabelled
+    assert check.kept == (0, 1, 2, 4, 5)  # agreed rows stay whatever the teacher's confidence (2 and 4)
+    assert check.labels == (0, 0, 1, 1, 1)
+    assert check.transitions == {(0, 1): 2, (1, 0): 1}  # every contradiction is counted, sure or not
+    # the threshold is inclusive, and 0 is plain relabel
+    assert check_labels(labels, teacher, "relabel", confidences=sure, min_confidence=0.7).unsure == ()
+    assert check_labels(labels, teacher, "relabel", confidences=sure).kept == tuple(range(6))
+
+
 def test_check_labels_refuses_bad_input():
     with pytest.raises(ValueError, match="teacher action 'flip'"):
         check_labels([0, 1], [0, 1], "flip")
     with pytest.raises(ValueError, match="3 teacher predictions for 2 rows"):
         check_labels([0, 1], [0, 1, 1], "drop")
+    with pytest.raises(ValueError, match="applies to relabel only"):
+        check_labels([0, 1], [0, 1], "drop", confidences=[0.9, 0.9], min_confidence=0.8)
+    with pytest.raises(ValueError, match="needs one teacher confidence per row"):
+        check_labels([0, 1], [0, 1], "relabel", min_confidence=0.8)
+    with pytest.raises(ValueError, match="outside"):
+        check_labels([0, 1], [0, 1], "relabel", confidences=[0.9, 0.9], min_confidence=1.5)
 
 
 def test_apply_check_keeps_columns_and_label_type():
@@ -110,6 +131,45 @@ def test_student_checks_every_row_against_the_teacher(action, teacher_run, tmp_p
     assert ("relabelled" if action == "relabel" else f"dropped ({96 - len(contradicted)} rows left)") in line
 
 
+def _teacher_confidences(run_dir: Path, texts: list[str]) -> list[float]:
+    """The teacher's softmax probability of its prediction, rebuilt through pipeline.inference and a plain forward."""
+    import torch
+
+    cfg, tokenizer, model = load_run(run_dir, "cpu")
+    batch = tokenizer(texts, truncation=True, max_length=cfg.data.max_length, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        out = model(**{k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")})
+    logits = out.logits if hasattr(out, "logits") else out
+    return torch.softmax(logits.float(), -1).max(-1).values.tolist()
+
+
+def test_student_relabels_only_where_the_teacher_is_sure(teacher_run, tmp_path, tiny_bert_dir, tiny_data_root):
+    def student(name: str, extra: list[str]) -> dict:
+        out = tmp_path / name
+        run_training(load_config(None, _overrides(out, tiny_bert_dir, tiny_data_root, "vanilla")
+                                 + [f"filter.teacher={teacher_run}", "seed=43", *extra]))  # its own canary
+        return json.loads((out / FILTER_REPORT).read_text())["teacher"]
+
+    plain = student("plain", [])
+    rows = plain["contradicted_rows"]
+    assert len(rows) >= 2 and plain["rows_unsure_dropped"] == 0 and plain["min_confidence"] == 0
+    confidences = [r["teacher_confidence"] for r in rows]
+    assert confidences == pytest.approx(_teacher_confidences(teacher_run, [r["text"] for r in rows]), abs=1e-3)
+    cut = sorted(confidences)[len(confidences) // 2]  # half the contradicted rows are less sure than this
+    sure = student("sure", [f"filter.teacher_min_confidence={cut}"])
+    assert sure["rows_contradicted"] == plain["rows_contradicted"]
+    unsure = [r for r in sure["contradicted_rows"] if r["dropped_unsure"]]
+    assert [r["teacher_confidence"] < cut for r in sure["contradicted_rows"]] == [r["dropped_unsure"] for r in sure["contradicted_rows"]]
+    assert 0 < len(unsure) < len(rows)
+    assert sure["rows_unsure_dropped"] == len(unsure) and sure["rows_kept"] == 96 - len(unsure)
+    assert sure["canary_rows_unsure_dropped"] == sum(r["canary"] for r in unsure)
+    from launch.train import filter_lines
+
+    metrics = json.loads((tmp_path / "sure" / "metrics.json").read_text())
+    (line,) = filter_lines(metrics)
+    assert f"{len(unsure)} unsure rows dropped ({96 - len(unsure)} rows left)" in line
+
+
 def test_teacher_must_be_a_finished_run(tmp_path, tiny_bert_dir, tiny_data_root):
     out = tmp_path / "student"
     missing = tmp_path / "nowhere"
@@ -138,13 +198,20 @@ def test_teacher_action_is_validated():
         load_config(None, ["filter.teacher_action=flip"])
     with pytest.raises(ConfigError, match="filter.teacher"):
         load_config(None, ["filter.teacher=' '"])
+    with pytest.raises(ConfigError, match="filter.teacher_min_confidence.*relabel only"):
+        load_config(None, ["filter.teacher=runs/x", "filter.teacher_action=drop", "filter.teacher_min_confidence=0.8"])
+    with pytest.raises(ConfigError, match="filter.teacher_min_confidence.*without filter.teacher"):
+        load_config(None, ["filter.teacher_min_confidence=0.8"])
+    with pytest.raises(ConfigError, match="filter.teacher_min_confidence"):
+        load_config(None, ["filter.teacher=runs/x", "filter.teacher_min_confidence=1.2"])
+    assert load_config(None, ["filter.teacher=runs/x", "filter.teacher_min_confidence=0.8"]).filter.teacher_min_confidence == 0.8
 
 
 
 def test_a_teacher_that_predicts_one_label_is_refused(teacher_run, tmp_path, tiny_bert_dir, tiny_data_root, monkeypatch):
     from pipeline.defenses import teacher
 
-    monkeypatch.setattr(teacher, "teacher_predictions", lambda run_dir, texts, **kw: ([1] * len(texts), {"canary_held": None}))
+    monkeypatch.setattr(teacher, "teacher_predictions", lambda run_dir, texts, **kw: ([1] * len(texts), [0.9] * len(texts), {"canary_held": None}))
     out = tmp_path / "student"
     cfg = load_config(None, _overrides(out, tiny_bert_dir, tiny_data_root, "vanilla") + [f"filter.teacher={teacher_run}"])
     with pytest.raises(ConfigError, match="left a single class in the 96 training rows"):
