@@ -106,7 +106,7 @@ def _teacher_labels(run_dir: Path, texts: list[str]) -> list[int]:
 def test_student_checks_every_row_against_the_teacher(action, teacher_run, tmp_path, tiny_bert_dir, tiny_data_root):
     out = tmp_path / f"student_{action}"
     cfg = load_config(None, _overrides(out, tiny_bert_dir, tiny_data_root, "vanilla")
-                      + [f"filter.teacher={teacher_run}", f"filter.teacher_action={action}"])
+                      + [f"filter.teacher={teacher_run}", f"filter.teacher_action={action}", "seed=43"])  # its own canary
     run_training(cfg)
     report = json.loads((out / FILTER_REPORT).read_text())["teacher"]
     metrics = json.loads((out / "metrics.json").read_text())
@@ -119,8 +119,8 @@ def test_student_checks_every_row_against_the_teacher(action, teacher_run, tmp_p
     assert sum(t["rows"] for t in report["transitions"]) == len(contradicted)
     # every reported row is contradicted by the teacher, rebuilt independently
     texts = [r["text"] for r in contradicted]
-    if texts:
-        assert all(p != r["label"] for p, r in zip(_teacher_labels(teacher_run, texts), contradicted))
+    assert texts  # the student's canary (seed 43) is not the teacher's, so the teacher contradicts its rows
+    assert all(p != r["label"] for p, r in zip(_teacher_labels(teacher_run, texts), contradicted))
     assert report["rows_kept"] == (96 if action == "relabel" else 96 - len(contradicted))
     assert metrics["filter"]["teacher"]["rows_contradicted"] == len(contradicted)
     assert "contradicted_rows" not in metrics["filter"]["teacher"]
