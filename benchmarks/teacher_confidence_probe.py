@@ -58,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grid", type=Path, default=REPO / "runs" / "teacher_eval", help="a finished teacher grid's output_root")
     parser.add_argument("--attacks", nargs="+", default=["badnets", "addsent", "stylebkd", "synbkd"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[42])
+    parser.add_argument("--dataset", default="sst-2", help="the grid's dataset folder under cells/")
+    parser.add_argument("--model", default="minilm", help="the grid's model folder under cells/<dataset>/")
     parser.add_argument("--teacher", default="teacher", help="the teacher cell's name")
     parser.add_argument("--student", default="student_drop", help="a student cell whose config gives the training rows")
     parser.add_argument("--tau", type=float, nargs="+", default=[0.5, 0.7, 0.8, 0.9, 0.95, 0.98])
@@ -68,13 +70,13 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.inference import read_run_config
     from shortcut_probe import planted_rows
 
-    torch.set_num_threads(2)
-    print("| attack | seed | tau | rows kept | clean kept | canary kept | poisoned kept (analysis) | label-1 share | "
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    print("| attack | seed | tau | rows agreed with at >= tau | of them clean | canary | poisoned (analysis) | label-1 share | "
           "contradicted at >= tau: clean / canary / poisoned | selection rows at >= tau / teacher accuracy on them |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for attack in args.attacks:
         for seed in args.seeds:
-            cell = args.grid / "cells" / "sst-2" / "minilm" / attack
+            cell = args.grid / "cells" / args.dataset / args.model / attack
             cfg = read_run_config(cell / args.student / f"seed{seed}" / "config.yaml")
             texts, labels, canary, poisoned, data = planted_rows(cfg)
             y, canary, poisoned = np.array(labels), np.array(canary), np.array(poisoned)

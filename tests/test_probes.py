@@ -84,3 +84,43 @@ def test_the_shortcut_probe_residual_column_matches_its_means(fit, tiny_data_roo
         assert abs(rows * (1 - mean) - residual) <= 0.005 * rows + 0.05
     if fit == "in-sample":  # one fit on every row: it has seen the canary rows it scores
         assert float(cells[5].split()[0]) >= 0.9
+
+
+def test_the_teacher_confidence_probe_counts_rows_by_the_teachers_probability(tmp_path, tiny_bert_dir, tiny_data_root, capsys):
+    """The probe's counts against the teacher's probabilities rebuilt independently (pipeline.inference.load_run and a
+    plain forward) on the same planted rows."""
+    import shutil
+
+    from pipeline.config import load_config
+    from pipeline.inference import load_run
+    from pipeline.training import run_training
+
+    cell = tmp_path / "grid" / "cells" / "toy" / "tiny" / "badnets"
+    teacher = cell / "teacher" / "seed42"
+    run_training(load_config(None, _overrides(tiny_data_root) + [
+        f"output_dir={teacher}", f"model.name_or_path={tiny_bert_dir}", "data.max_length=32", "train.epochs=2",
+        "train.batch_size=8", "train.lr=2e-3", "train.device=cpu", "canary.select=false"]))
+    (cell / "student_drop" / "seed42").mkdir(parents=True)
+    shutil.copy(teacher / "config.yaml", cell / "student_drop" / "seed42" / "config.yaml")
+    script = load_script("benchmarks/teacher_confidence_probe.py")
+    assert script.main(["--grid", str(tmp_path / "grid"), "--dataset", "toy", "--model", "tiny", "--attacks", "badnets",
+                        "--tau", "0.5", "0.7"]) == 0
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| badnets")]
+    assert [r[2] for r in rows] == ["0.5", "0.7"]
+
+    texts, labels, canary, _, _ = load_script("benchmarks/shortcut_probe.py").planted_rows(
+        load_config(teacher / "config.yaml"))
+    cfg, tokenizer, model = load_run(teacher, "cpu")
+    batch = tokenizer(texts, truncation=True, max_length=cfg.data.max_length, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        out = model(**{k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")})
+    p_own = torch.softmax((out.logits if hasattr(out, "logits") else out).float(), -1)[torch.arange(len(labels)),
+                                                                                        torch.tensor(labels)]
+    for row, tau in zip(rows, (0.5, 0.7)):
+        agreed = p_own >= tau
+        assert row[3] == f"{int(agreed.sum())} of {len(texts)}"
+        assert row[5] == f"{int((agreed & torch.tensor(canary)).sum())} of {sum(canary)}"
+        contradicted_canary = int(((1 - p_own >= tau) & torch.tensor(canary)).sum())
+        assert row[8].split(" / ")[1] == str(contradicted_canary)
+    assert int(rows[0][3].split()[0]) + sum(int(x) for x in rows[0][8].split(" / ")) == len(texts)  # tau 0.5 splits all
