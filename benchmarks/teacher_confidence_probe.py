@@ -33,24 +33,18 @@ for _path in (REPO, REPO / "kernels", REPO / "benchmarks"):
 
 def teacher_probabilities(run_dir: Path, texts: list[str]):
     """The selected model of the finished run ``run_dir``: softmax probabilities on ``texts`` (rows x labels)."""
-    import torch
     from datasets import Dataset
     from torch.utils.data import DataLoader
 
     from pipeline import data as data_lib
     from pipeline import inference
-    from pipeline.evaluate import _logits, eval_mode
+    from pipeline.evaluate import predict_proba
 
     cfg, tokenizer, model = inference.load_run(run_dir, "cpu")
     rows = data_lib.encode(Dataset.from_dict({"text": texts, "label": [0] * len(texts)}), tokenizer,
                            max_length=cfg.data.max_length)
     loader = DataLoader(rows, batch_size=64, shuffle=False, collate_fn=data_lib.make_collator(tokenizer))
-    out = []
-    with eval_mode(model), torch.no_grad():
-        for batch in loader:
-            batch = {k: v for k, v in batch.items() if k != "labels"}
-            out.append(torch.softmax(_logits(model(**batch)).float(), -1))
-    return torch.cat(out).numpy()
+    return predict_proba(model, loader, device="cpu", progress=False)[0].numpy()
 
 
 def main(argv: list[str] | None = None) -> int:
