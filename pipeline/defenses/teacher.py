@@ -99,16 +99,10 @@ def check_labels(
     predictions = [int(p) for p in predictions]
     contradicted = tuple(i for i, (y, p) in enumerate(zip(labels, predictions)) if y != p)
     transitions = Counter((labels[i], predictions[i]) for i in contradicted)
-    unsure: tuple[int, ...] = ()
-    if action == "relabel":
-        if min_confidence > 0:
-            unsure = tuple(i for i in contradicted if float(confidences[i]) < min_confidence)
-        dropped = set(unsure)
-        kept = tuple(i for i in range(len(labels)) if i not in dropped)
-        new_labels = tuple(predictions[i] for i in kept)
-    else:
-        kept = tuple(i for i in range(len(labels)) if labels[i] == predictions[i])
-        new_labels = tuple(labels[i] for i in kept)
+    unsure = tuple(i for i in contradicted if float(confidences[i]) < min_confidence) if min_confidence > 0 else ()
+    removed = set(contradicted if action == "drop" else unsure)
+    kept = tuple(i for i in range(len(labels)) if i not in removed)
+    new_labels = tuple(predictions[i] for i in kept)  # the file's label where the teacher agrees
     return TeacherCheck(action=action, kept=kept, labels=new_labels, contradicted=contradicted,
                         transitions=dict(sorted(transitions.items())), min_confidence=float(min_confidence),
                         unsure=unsure)
