@@ -31,6 +31,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import logging.handlers
 import math
 import os
 import shutil
@@ -193,9 +194,15 @@ def prepare_output_dir(output_dir: Path, *, resume: bool, overwrite: bool) -> bo
     return False
 
 
-def _setup_file_logging(output_dir: Path) -> logging.Handler:
+def _setup_file_logging(output_dir: Path, setup_log: logging.handlers.MemoryHandler | None = None) -> logging.Handler:
+    """Open ``output_dir/train.log`` for the root logger; ``setup_log``'s records (what the set-up logged before the
+    folder could be created: the filters, the teacher check, data overlaps) are written into it first."""
     handler = logging.FileHandler(output_dir / "train.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    if setup_log is not None:
+        logging.getLogger().removeHandler(setup_log)
+        setup_log.setTarget(handler)
+        setup_log.flush()
     logging.getLogger().addHandler(handler)
     return handler
 
@@ -1231,9 +1238,15 @@ def run_training(cfg: RunConfig, *, deepspeed_config: str | os.PathLike[str] | N
     device = select_device(cfg.train.device)
     ds_raw = dist.load_deepspeed_config(deepspeed_config) if deepspeed_config is not None else None
     runtime = dist.init_runtime(use_deepspeed=ds_raw is not None, device=device)
+    # The set-up logs before output_dir may be created (bad input must leave nothing behind): keep its records
+    # and write them into train.log once it exists (dropped if the run stops before that).
+    setup_log = logging.handlers.MemoryHandler(capacity=1_000_000, flushLevel=logging.CRITICAL + 1, flushOnClose=False)
+    logging.getLogger().addHandler(setup_log)
     try:
-        return _run(cfg, runtime, ds_raw, str(deepspeed_config))
+        return _run(cfg, runtime, ds_raw, str(deepspeed_config), setup_log)
     finally:
+        logging.getLogger().removeHandler(setup_log)
+        setup_log.close()
         dist.shutdown(runtime)
 
 
@@ -1253,7 +1266,10 @@ def _decide_output_dir(runtime: dist.Runtime, output_dir: Path, cfg: RunConfig) 
     return bool(decision[1])
 
 
-def _run(cfg: RunConfig, runtime: dist.Runtime, ds_raw: Mapping[str, Any] | None, ds_source: str) -> dict[str, Any]:
+def _run(
+    cfg: RunConfig, runtime: dist.Runtime, ds_raw: Mapping[str, Any] | None, ds_source: str,
+    setup_log: logging.handlers.MemoryHandler | None = None,
+) -> dict[str, Any]:
     output_dir = Path(cfg.output_dir)
     cfg, model_path, info, ds_config = _validated_setup(
         cfg, ds_raw=ds_raw, ds_source=ds_source, world_size=runtime.world_size, device_type=runtime.device.type,
@@ -1320,7 +1336,7 @@ def _run(cfg: RunConfig, runtime: dist.Runtime, ds_raw: Mapping[str, Any] | None
             logger.warning("overwrite=true: removing the existing run in %s", output_dir)
             remove_run_folder(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
-        handler = _setup_file_logging(output_dir)
+        handler = _setup_file_logging(output_dir, setup_log)
         if filter_report is not None:
             ckpt.atomic_write_json(output_dir / FILTER_REPORT, filter_report)
     dist.barrier(runtime)

@@ -168,6 +168,12 @@ def test_student_relabels_only_where_the_teacher_is_sure(teacher_run, tmp_path, 
     metrics = json.loads((tmp_path / "sure" / "metrics.json").read_text())
     (line,) = filter_lines(metrics)
     assert f"{len(unsure)} unsure rows dropped ({96 - len(unsure)} rows left)" in line
+    # train.log keeps what the set-up logged before the run folder existed (here its warnings: the teacher memorised
+    # its own canary; the toy splits overlap), once each and in order
+    log = (tmp_path / "sure" / "train.log").read_text().splitlines()
+    setup = [i for i, line in enumerate(log) if "also occur in 'test_clean'" in line or "did not hold its own canary" in line]
+    assert len(setup) == 3 and setup == list(range(3))  # the first three lines
+    assert sum("did not hold its own canary" in line for line in log) == 1
 
 
 def test_teacher_must_be_a_finished_run(tmp_path, tiny_bert_dir, tiny_data_root):
