@@ -9,10 +9,11 @@ is kept if the teacher gives its label a probability of at least ``tau`` (``tau`
 
 For each attack and seed it rebuilds the student cell's training rows as that run trained on them before the teacher
 check (the lexical filter, then the canary planted; benchmarks/shortcut_probe.py ``planted_rows``), runs the teacher
-cell's model on them and prints, per ``tau``: the rows kept, the clean rows kept, the canary rows kept and the file's
-poisoned rows kept, the rows the teacher contradicts with at least that confidence (what a rule that relabels only
-confident contradictions would relabel) (found through the training file's ``poison_label`` column: **analysis only**, nothing in the
-product reads it), the kept rows' label balance, and the teacher's accuracy on the selection rows (dev-clean, which the user has) it is that confident on.
+cell's model on them and prints, per ``tau``: the rows the teacher agrees with at probability ``tau`` or more, split
+into clean, canary and the file's poisoned rows (found through the training file's ``poison_label`` column:
+**analysis only**, nothing in the product reads it), their label-1 share; the rows it contradicts with at least that
+confidence, split the same way (what ``filter.teacher_min_confidence=tau`` relabels); and how many selection rows
+(dev-clean, which the user has) the teacher is that sure of, with its accuracy on them.
 
     python benchmarks/teacher_confidence_probe.py --grid runs/teacher_eval --attacks badnets addsent stylebkd synbkd --seeds 42
 
@@ -31,8 +32,9 @@ for _path in (REPO, REPO / "kernels", REPO / "benchmarks"):
         sys.path.insert(0, str(_path))
 
 
-def teacher_probabilities(run_dir: Path, texts: list[str]):
-    """The selected model of the finished run ``run_dir``: softmax probabilities on ``texts`` (rows x labels)."""
+def teacher_probabilities(run_dir: Path, *texts: list[str]):
+    """The selected model of the finished run ``run_dir`` (loaded once): softmax probabilities (rows x labels) on each
+    list of ``texts``, one array per list."""
     from datasets import Dataset
     from torch.utils.data import DataLoader
 
@@ -41,10 +43,13 @@ def teacher_probabilities(run_dir: Path, texts: list[str]):
     from pipeline.evaluate import predict_proba
 
     cfg, tokenizer, model = inference.load_run(run_dir, "cpu")
-    rows = data_lib.encode(Dataset.from_dict({"text": texts, "label": [0] * len(texts)}), tokenizer,
-                           max_length=cfg.data.max_length)
-    loader = DataLoader(rows, batch_size=64, shuffle=False, collate_fn=data_lib.make_collator(tokenizer))
-    return predict_proba(model, loader, device="cpu", progress=False)[0].numpy()
+    out = []
+    for some in texts:
+        rows = data_lib.encode(Dataset.from_dict({"text": some, "label": [0] * len(some)}), tokenizer,
+                               max_length=cfg.data.max_length)
+        loader = DataLoader(rows, batch_size=64, shuffle=False, collate_fn=data_lib.make_collator(tokenizer))
+        out.append(predict_proba(model, loader, device="cpu", progress=False)[0].numpy())
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,11 +81,10 @@ def main(argv: list[str] | None = None) -> int:
             y, canary, poisoned = np.array(labels), np.array(canary), np.array(poisoned)
             clean = ~canary & ~poisoned
             teacher = cell / args.teacher / f"seed{seed}"
-            proba = teacher_probabilities(teacher, texts)
-            p_own = proba[np.arange(len(y)), y]
             dev = data.selection
+            proba, dev_p = teacher_probabilities(teacher, texts, list(dev["text"]))
+            p_own = proba[np.arange(len(y)), y]
             dev_y = np.array([int(v) for v in dev["label"]])
-            dev_p = teacher_probabilities(teacher, list(dev["text"]))
             dev_conf, dev_right = dev_p.max(1), dev_p.argmax(1) == dev_y
             for tau in args.tau:
                 kept = p_own >= tau

@@ -293,3 +293,18 @@ def load_script(relative_path: str, name: str | None = None) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def run_probabilities(run_dir: str | Path, texts: list[str]) -> torch.Tensor:
+    """Softmax probabilities (rows x labels) of a finished run's model on ``texts``, by one plain padded forward.
+
+    An independent reference for tests of code that batches through ``pipeline.evaluate`` (the teacher check, its
+    probe): the model is rebuilt by ``pipeline.inference.load_run`` and called once, without loaders or collators.
+    """
+    from pipeline.inference import load_run
+
+    cfg, tokenizer, model = load_run(run_dir, "cpu")
+    batch = tokenizer(texts, truncation=True, max_length=cfg.data.max_length, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        out = model(**{k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")})
+    return torch.softmax((out.logits if hasattr(out, "logits") else out).float(), -1)

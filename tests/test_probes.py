@@ -92,7 +92,7 @@ def test_the_teacher_confidence_probe_counts_rows_by_the_teachers_probability(tm
     import shutil
 
     from pipeline.config import load_config
-    from pipeline.inference import load_run
+    from pipeline.testing import run_probabilities
     from pipeline.training import run_training
 
     cell = tmp_path / "grid" / "cells" / "toy" / "tiny" / "badnets"
@@ -111,12 +111,7 @@ def test_the_teacher_confidence_probe_counts_rows_by_the_teachers_probability(tm
 
     texts, labels, canary, _, _ = load_script("benchmarks/shortcut_probe.py").planted_rows(
         load_config(teacher / "config.yaml"))
-    cfg, tokenizer, model = load_run(teacher, "cpu")
-    batch = tokenizer(texts, truncation=True, max_length=cfg.data.max_length, padding=True, return_tensors="pt")
-    with torch.no_grad():
-        out = model(**{k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")})
-    p_own = torch.softmax((out.logits if hasattr(out, "logits") else out).float(), -1)[torch.arange(len(labels)),
-                                                                                        torch.tensor(labels)]
+    p_own = run_probabilities(teacher, texts)[torch.arange(len(labels)), torch.tensor(labels)]
     for row, tau in zip(rows, (0.5, 0.7)):
         agreed = p_own >= tau
         assert row[3] == f"{int(agreed.sum())} of {len(texts)}"

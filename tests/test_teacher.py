@@ -19,6 +19,7 @@ from pipeline.config import ConfigError, load_config
 from pipeline.defenses.teacher import apply_check, check_labels
 from pipeline.evaluate import predict
 from pipeline.inference import load_run
+from pipeline.testing import run_probabilities
 from pipeline.training import FILTER_REPORT, run_training
 
 
@@ -131,18 +132,6 @@ def test_student_checks_every_row_against_the_teacher(action, teacher_run, tmp_p
     assert ("relabelled" if action == "relabel" else f"dropped ({96 - len(contradicted)} rows left)") in line
 
 
-def _teacher_confidences(run_dir: Path, texts: list[str]) -> list[float]:
-    """The teacher's softmax probability of its prediction, rebuilt through pipeline.inference and a plain forward."""
-    import torch
-
-    cfg, tokenizer, model = load_run(run_dir, "cpu")
-    batch = tokenizer(texts, truncation=True, max_length=cfg.data.max_length, padding=True, return_tensors="pt")
-    with torch.no_grad():
-        out = model(**{k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")})
-    logits = out.logits if hasattr(out, "logits") else out
-    return torch.softmax(logits.float(), -1).max(-1).values.tolist()
-
-
 def test_student_relabels_only_where_the_teacher_is_sure(teacher_run, tmp_path, tiny_bert_dir, tiny_data_root):
     def student(name: str, extra: list[str]) -> dict:
         out = tmp_path / name
@@ -154,7 +143,7 @@ def test_student_relabels_only_where_the_teacher_is_sure(teacher_run, tmp_path, 
     rows = plain["contradicted_rows"]
     assert len(rows) >= 2 and plain["rows_unsure_dropped"] == 0 and plain["min_confidence"] == 0
     confidences = [r["teacher_confidence"] for r in rows]
-    assert confidences == pytest.approx(_teacher_confidences(teacher_run, [r["text"] for r in rows]), abs=1e-3)
+    assert confidences == pytest.approx(run_probabilities(teacher_run, [r["text"] for r in rows]).max(-1).values.tolist(), abs=1e-3)
     cut = sorted(confidences)[len(confidences) // 2]  # half the contradicted rows are less sure than this
     sure = student("sure", [f"filter.teacher_min_confidence={cut}"])
     assert sure["rows_contradicted"] == plain["rows_contradicted"]
